@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny random Llama with a real (trained-here) BPE tokenizer and chat template, the shared
+SmolLM2-135M-Instruct converted once per machine into a cached HF folder, and the shared data files."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = os.environ.get("LATRO_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+SHARED_DATA = os.path.join(SHARED, "data")
+GGUF = os.path.join(SHARED, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+CACHE = os.environ.get("LATRO_TEST_CACHE", os.path.expanduser("~/.cache/latro-tests"))
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# A small corpus so that the BPE merges cover the words the prompts and answers use.
+CORPUS = ["Let's think step by step. The answer is 18. So, the answer is 42. Therefore, the answer is -3.5.",
+          "Question: Which is a planet? Options: ['Mars', 'Sun'] Answer: Mars. 1,000 dollars and $18.",
+          "Janet has 16 eggs. She eats 3 and bakes 4, so 16 - 3 - 4 = 9 eggs remain. 9 * 2 = 18."] * 20
+
+
+def build_tokenizer(chat_template: bool = True):
+    """A byte-level BPE trained here on CORPUS, ChatML special tokens, eos = <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token="<|im_start|>")
+    if chat_template:
+        tok.chat_template = CHATML
+    return tok
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+               tie_word_embeddings=False, eos_token_id=2, pad_token_id=0, bos_token_id=1)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_tok):
+    """A folder with a tiny random Llama + tokenizer that `from_pretrained` loads (no download)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_model(len(tiny_tok), eos_token_id=tiny_tok.eos_token_id, pad_token_id=tiny_tok.pad_token_id)
+    model.save_pretrained(path)
+    tiny_tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+def smollm_folder() -> str:
+    """SmolLM2-135M-Instruct as an HF folder, converted once from the shared GGUF into CACHE."""
+    out = os.path.join(CACHE, "SmolLM2-135M-Instruct")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    if not os.path.isfile(GGUF):
+        pytest.skip(f"shared model {GGUF} is absent")
+    pytest.importorskip("gguf", reason="converting the shared GGUF model needs the test-only package gguf")
+    pytest.importorskip("accelerate", reason="loading a GGUF file needs the test-only package accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.split(GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model.hf_quantizer = None  # the GGUF weights are expanded to fp32: nothing quantized is left
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.makedirs(CACHE, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm_dir():
+    return smollm_folder()

@@ -240,8 +240,9 @@ def _answer_segment(text: str):
     return parts[-1].strip().split("\n")[0] if len(parts) > 1 else None
 
 
-def _norm(s: str) -> str:
-    return re.sub(r"\s+", " ", s.strip().strip(" .:'\"`*()").lower())
+def _norm(s: str, lower: bool = True) -> str:
+    s = re.sub(r"\s+", " ", s.strip().strip(" .:'\"`*()"))
+    return s.lower() if lower else s
 
 
 def _contains(hay: str, needle: str) -> bool:
@@ -252,9 +253,11 @@ def _contains(hay: str, needle: str) -> bool:
 def extract_arc(text: str, options: list):
     """Index of the option chosen after the LAST "the answer is", or None. The rule, in order:
     1. a letter label alone or bracketed, "B", "(B)", "B)", or "(B) <anything>": that letter's option;
-    2. the segment equals an option text (case, spaces, quotes, brackets and a final period ignored);
+    2. the segment equals an option text (spaces, quotes, brackets and a final period ignored), with its case,
+       then ignoring case;
     3. otherwise the options contained in the segment as whole tokens ("5" does not match "15"); if several
-       match, the longest wins when it contains all the others ("kilometers" over "meters"), else None."""
+       match, the longest wins when it contains all the others as whole tokens ("red and blue" over "red";
+       "meters" never matches inside "kilometers"), else None (ambiguous: "5 or 15")."""
     seg = _answer_segment(text)
     if seg is None:
         return None
@@ -262,15 +265,16 @@ def extract_arc(text: str, options: list):
     m = re.match(rf"^\(?([{letters}])\)?(?:[.:,)]|\s|$)", seg.strip())
     if m and (len(seg.strip()) <= 3 or seg.strip().startswith("(") or seg.strip()[1:2] == ")"):
         return letters.index(m.group(1))
-    nseg, nopts = _norm(seg), [_norm(o) for o in options]
-    if nseg in nopts:
-        return nopts.index(nseg)
+    for lower in (False, True):  # case matters first: some options differ only by case ("rr" / "Rr")
+        nseg, nopts = _norm(seg, lower), [_norm(o, lower) for o in options]
+        if nseg in nopts:
+            return nopts.index(nseg)
     hits = [i for i, o in enumerate(nopts) if o and _contains(nseg, o)]
     if len(hits) == 1:
         return hits[0]
     if hits:
         longest = max(hits, key=lambda i: len(nopts[i]))
-        if all(nopts[i] in nopts[longest] for i in hits):
+        if all(_contains(nopts[longest], nopts[i]) for i in hits):
             return longest
     return None
 

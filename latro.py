@@ -148,12 +148,18 @@ def print0(*a, **kw):
 # ----------------------------------------------------------------------------------------------------------
 # Models
 
-def load_model(name: str, dtype, device):
-    """A causal LM by hub name or local folder, dropout off (sampling and scoring are deterministic)."""
-    from transformers import AutoModelForCausalLM
+def model_path(name: str) -> str:
+    """A local folder, or a hub id; something that looks like a path but is not a folder is an error."""
     path = os.path.expanduser(name)
     if name.startswith((".", "/", "~")) and not os.path.isdir(path):
         raise SystemExit(f"--model {name!r}: no such folder")  # a hub id never starts like a path
+    return path
+
+
+def load_model(name: str, dtype, device):
+    """A causal LM by hub name or local folder, dropout off (sampling and scoring are deterministic)."""
+    from transformers import AutoModelForCausalLM
+    path = model_path(name)
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
@@ -171,7 +177,7 @@ def load_model(name: str, dtype, device):
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        tok = AutoTokenizer.from_pretrained(model_path(name))
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model {name!r}: cannot load its tokenizer ({type(e).__name__}: {str(e)[:300]})") from e
     if tok.pad_token_id is None:

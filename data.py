@@ -94,7 +94,11 @@ def _raw_rows(name_or_path: str, split: str):
         raise DataError(f"dataset {name_or_path!r} is neither an existing file/folder nor a known name "
                         f"({', '.join(list(DATASETS) + list(HUB_ALIASES))})")
     hub, config = DATASETS[key]
-    return datasets.load_dataset(hub, config, split=split), f"{hub}:{config}:{split}"
+    try:
+        return datasets.load_dataset(hub, config, split=split), f"{hub}:{config}:{split}"
+    except (ConnectionError, OSError, ValueError) as e:  # offline, no such split, hub down
+        raise DataError(f"cannot load {hub} ({config}, split {split}) from the Hugging Face hub: {e}; "
+                        f"pass a local file or folder instead") from e
 
 
 def infer_task(name_or_path: str, first_row: dict) -> str:

@@ -165,6 +165,7 @@ def main(argv=None):
     device = torch.device(f"cuda:{local}" if use_cuda and args.device in (None, "cuda") else args.device or "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
 
+    latro.model_path(args.model)  # fail on a wrong path before any work
     try:
         examples = data.load_split(args.dataset, args.split)
     except data.DataError as e:

@@ -578,6 +578,7 @@ def main(argv=None):
     args.grad_checkpointing = args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda")
 
     # data: train minus a held-out validation slice
+    model_path(args.model)  # fail on a wrong path before any work
     try:
         train = data.load_split(args.dataset, "train")
     except data.DataError as e:

@@ -196,3 +196,10 @@ def test_shared_files_parse(shared_data):
     # every gold answer parses back with both the official and the exact rule
     assert all(data.gsm8k_equal(data.extract_gsm8k(f"The answer is {e.gold}."), e.gold) for e in gsm)
     assert all(data.extract_arc(f"The answer is {e.gold}.", e.options) == e.gold_index for e in arc)
+
+
+def test_error_hub_unreachable(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(data.DataError, match="cannot load openai/gsm8k .* pass a local file or folder"):
+        data.load_split("gsm8k", "test")

@@ -1,0 +1,111 @@
+"""eval.py: batch-size independence, 1 vs 2 processes, maj@k voting, per-rule summary and rows, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import data
+import eval as ev
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def toy_sets(tmp_path_factory):
+    """GSM8K- and ARC-shaped test files made up here."""
+    root = tmp_path_factory.mktemp("evalsets")
+    with open(root / "gsm.jsonl", "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"question": f"What is {i} times {i + 2}?", "answer": f"#### {i * (i + 2)}"}) + "\n")
+    with open(root / "arc.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"id": f"toy_{i}", "question": f"Which number is {i}?", "answerKey": "ABCD"[i % 4],
+                                "choices": {"text": [str(i), str(i + 1), str(i + 2), str(i + 3)][::1],
+                                            "label": ["A", "B", "C", "D"]}}) + "\n")
+    return root
+
+
+def run_cli(argv, nproc=1):
+    script = os.path.join(ROOT, "eval.py")
+    cmd = [sys.executable, script] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={nproc}", script]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run(cmd + argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def rows_of(path):
+    return [json.loads(l) for l in open(path)]
+
+
+def test_batch_size_does_not_change_outputs(tiny_dir, toy_sets, tmp_path):
+    outs = []
+    for bs in (1, 8):
+        ev.main(["--model", tiny_dir, "--dataset", str(toy_sets / "gsm.jsonl"), "--split", "train", "--batch-size",
+                 str(bs), "--max-new-tokens", "24", "--out", str(tmp_path / f"b{bs}.jsonl")])
+        outs.append([r["output"] for r in rows_of(tmp_path / f"b{bs}.jsonl")])
+    assert outs[0] == outs[1] and len(outs[0]) == 10
+
+
+@pytest.mark.slow
+def test_batch_size_does_not_change_outputs_smollm(smollm_dir, shared_data, tmp_path):
+    outs = []
+    for bs in (1, 8):
+        ev.main(["--model", smollm_dir, "--dataset", os.path.join(shared_data, "gsm8k"), "--limit", "8",
+                 "--batch-size", str(bs), "--max-new-tokens", "32", "--out", str(tmp_path / f"b{bs}.jsonl")])
+        outs.append([r["output"] for r in rows_of(tmp_path / f"b{bs}.jsonl")])
+    assert outs[0] == outs[1]
+    assert all(len(o) > 20 for o in outs[0])  # a real model writes text
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_agree(tiny_dir, toy_sets, tmp_path):
+    argv = ["--model", tiny_dir, "--dataset", str(toy_sets / "arc.jsonl"), "--split", "train", "--max-new-tokens",
+            "16", "--samples", "3", "--batch-size", "2"]
+    p1 = run_cli(argv + ["--out", str(tmp_path / "one.jsonl")])
+    p2 = run_cli(argv + ["--out", str(tmp_path / "two.jsonl")], nproc=2)
+    assert p1.returncode == 0 and p2.returncode == 0, p1.stderr[-2000:] + p2.stderr[-2000:]
+    summary = lambda p: [l for l in p.stdout.splitlines() if l.startswith("arc_challenge")]
+    assert summary(p1) == summary(p2) and len(summary(p1)) == 4   # official, exact, and their maj@3
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]
+    assert strip(rows_of(tmp_path / "one.jsonl")) == strip(rows_of(tmp_path / "two.jsonl"))
+
+
+def test_rows_and_summary(tiny_dir, toy_sets, tmp_path, capsys):
+    rows = ev.main(["--model", tiny_dir, "--dataset", str(toy_sets / "gsm.jsonl"), "--split", "train", "--limit",
+                    "3", "--max-new-tokens", "8", "--samples", "2", "--out", str(tmp_path / "r.jsonl")])
+    out = capsys.readouterr().out
+    for rule in ("official", "strict", "flexible", "official maj@2"):
+        assert f"gsm8k {rule:>18}: " in out
+    assert len(rows) == 3
+    r = rows_of(tmp_path / "r.jsonl")[0]
+    assert {"index", "id", "prompt", "output", "parsed", "correct", "gold", "samples"} <= set(r)
+    assert r["prompt"].startswith("<|im_start|>user\nWhat is 0 times 2? Let's think step by step.")
+    assert set(r["correct"]) == {"official", "strict", "flexible", "official_maj", "strict_maj", "flexible_maj"}
+
+
+def test_judge_and_majority():
+    ex = data.Example("gsm8k", "a", "q", "18")
+    row = ev.judge(ex, ["The answer is 18.", "The answer is 18.0", "so 7", "The answer is $18.", "nothing"])
+    assert row["correct"] == {"official": True, "official_maj": True, "strict": True, "strict_maj": True,
+                              "flexible": True, "flexible_maj": True}
+    assert ev.majority(["18", "18.0", "7", None, None, None], "gsm8k") == "18"   # None never wins
+    assert ev.majority(["7", "18", "18", "7"], "gsm8k") == "7"                   # ties: earliest
+    assert ev.majority([None, None], "gsm8k") is None
+    arc = data.Example("arc_challenge", "x", "q", "15", ["5", "15", "25", "35"], list("ABCD"), 1)
+    row = ev.judge(arc, ["The answer is 15."])
+    assert row["correct"] == {"official": True, "exact": True}
+    row = ev.judge(arc, ["The answer is 5 or 15."])
+    assert row["correct"] == {"official": True, "exact": False}   # the containment rule is fooled, exact is not
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "./nowhere", "--dataset", "gsm8k"], "--model './nowhere': no such folder"),
+    (["--model", "TINY", "--dataset", "no/such/file.jsonl"], "--dataset 'no/such/file.jsonl'"),
+    (["--model", "TINY", "--dataset", "gsm8k", "--limit", "0"], "--limit 0: must be at least 1"),
+    (["--model", "TINY", "--dataset", "gsm8k", "--samples", "1"], "--samples 1"),
+])
+def test_errors_are_named(tiny_dir, argv, message):
+    p = run_cli([tiny_dir if a == "TINY" else a for a in argv])
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr

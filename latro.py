@@ -47,6 +47,7 @@ Commands:
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -198,7 +199,7 @@ def stop_token_ids(tok, lm) -> list:
 # Sampling
 
 TEMPLATE = re.compile(r"(?:(?:So|Therefore|Thus),? )?the answer is|Answer:", re.IGNORECASE)
-TEMPLATE_WINDOW = 12  # tokens decoded per check; the longest template is ~6 tokens
+TEMPLATE_WINDOW = 32  # tokens decoded per check: room for the longest template even in 1-byte tokens
 
 
 def question_uniforms(seed: int, step: int, question: int, k: int, length: int) -> torch.Tensor:
@@ -227,12 +228,22 @@ def template_cut(tok, ids: list):
     return len(ids) - len(window) + j
 
 
+def stop_position(ids: list, start: int, stop: set, tok=None):
+    """Where z ends if the row stopped within ids[start:], else None: at its first stop token, or earlier at
+    the start of an answer template (searched only when `tok` is given) completed before that token."""
+    end = next((t for t in range(start, len(ids)) if ids[t] in stop), None)
+    cut = template_cut(tok, ids[:end]) if tok is not None else None   # ids[:None] is the whole row
+    return cut if cut is not None else end
+
+
 @torch.no_grad()
 def generate(lm, prompts: list, max_new: int, pad_id: int, stop_ids: list, uniforms=None, tok=None,
-             sampler: str = "static", step_fn=None):
+             sampler: str = "static", step_fn=None, check_every: int = 8):
     """Decode from each prompt (token-id lists) until a stop token, the answer template (when `tok` is
     given) or `max_new` tokens. uniforms (B, max_new) sample at T=1; None is greedy.
-    Returns (list of generated id lists without the stop token / template, finished bool list)."""
+    Stops are checked every `check_every` steps (one device sync each); tokens drawn after a row's stop are
+    discarded, so the result does not depend on it. Returns (generated id lists without the stop token or
+    template, finished flags)."""
     from transformers import DynamicCache, StaticCache
     B, P, dev = len(prompts), max(len(p) for p in prompts), lm.device
     ids = torch.full((B, P), pad_id, dtype=torch.long)
@@ -251,31 +262,28 @@ def generate(lm, prompts: list, max_new: int, pad_id: int, stop_ids: list, unifo
     logits = lm(input_ids=ids, attention_mask=span(P), position_ids=pos, cache=cache, use_cache=True,
                 logits_to_keep=1).logits[:, -1]                              # (B, V)
     out = torch.full((B, max_new), pad_id, dtype=torch.long, device=dev)
-    length = [max_new] * B                     # where each z ends (exclusive)
-    finished, active = [False] * B, list(range(B))
-    stop = torch.tensor(stop_ids, device=dev)
-    u_all = None if uniforms is None else uniforms.to(dev)
-    pos = pos[:, -1:]
+    host = [[] for _ in range(B)]              # the same ids on the host, for the stop checks
+    length, finished, active = [max_new] * B, [False] * B, set(range(B))
+    stop, u_all, pos = set(stop_ids), None if uniforms is None else uniforms.to(dev), pos[:, -1:]
     for t in range(max_new):
-        nxt = pick_token(logits.float(), None if u_all is None else u_all[:, t])   # (B,)
-        out[:, t] = nxt
-        hit = torch.isin(nxt, stop).tolist()
-        cpu_out = out[:, :t + 1].tolist() if tok is not None else None
-        for i in list(active):
-            cut = t if hit[i] else (template_cut(tok, cpu_out[i]) if tok is not None else None)
-            if cut is not None:
-                length[i], finished[i] = cut, True
-                active.remove(i)
-        if not active:  # early exit: every row has stopped
-            break
+        out[:, t] = pick_token(logits.float(), None if u_all is None else u_all[:, t])     # (B,)
+        if (t + 1) % check_every == 0 or t == max_new - 1:
+            start, new = len(host[0]), out[:, len(host[0]):t + 1].tolist()
+            for i in range(B):
+                host[i] += new[i]
+                cut = stop_position(host[i], start, stop, tok) if i in active else None
+                if cut is not None:
+                    length[i], finished[i] = cut, True
+                    active.discard(i)
+            if not active:                     # early exit: every row has stopped
+                break
         if t == max_new - 1:
             break
-        mask[:, P + t] = 1  # finished rows keep decoding pad-free garbage that is never read
+        mask[:, P + t] = 1  # finished rows keep decoding garbage that is never read
         pos = pos + 1
-        logits = step_fn(input_ids=nxt.unsqueeze(-1), attention_mask=span(P + t + 1), position_ids=pos,
+        logits = step_fn(input_ids=out[:, t:t + 1], attention_mask=span(P + t + 1), position_ids=pos,
                          cache=cache, use_cache=True).logits[:, -1]
-    out = out.tolist()
-    return [out[i][:length[i]] for i in range(B)], finished
+    return [host[i][:length[i]] for i in range(B)], finished
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,15 +427,25 @@ def all_sum(values: list, device) -> list:
     return t.tolist()
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    order = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return order
+
+
 def global_questions(train: list, step: int, n: int, seed: int) -> list:
-    """The `n` (index, example) pairs of a step: epochs of a seeded permutation, read in order."""
-    out, start = [], step * n
-    for pos in range(start, start + n):
-        epoch, i = divmod(pos, len(train))
-        order = list(range(len(train)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        out.append(order[i])
-    return out
+    """Train indices of the `n` questions of a step: epochs of a seeded permutation, read in order. A function
+    of (seed, step) alone, so a resumed run reads the same questions without saving a data position."""
+    return [epoch_order(len(train), seed, pos // len(train))[pos % len(train)] for pos in range(step * n, (step + 1) * n)]
+
+
+def train_state_gb(model, opt) -> float:
+    """GB of parameters + gradients + optimizer state held by THIS rank (local shards under FSDP)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**30
 
 
 def peak_memory_gb(device) -> float:
@@ -510,14 +528,14 @@ def validate(model, tok, val: list, args, rank: int, world: int, device, ctx, he
 # ----------------------------------------------------------------------------------------------------------
 # One step on one rank
 
-def rollout(lm, tok, exs, qidx, step, args, stop, device):
+def rollout(lm, tok, exs, qidx, step, args, stop, step_fn=None):
     """Sample K rationales per question; returns per question (prompt ids, z list, finished list)."""
     prompts, uniforms = [], []
     for e, q in zip(exs, qidx):
         prompts += [tok.encode(data.render_prompt(tok, e), add_special_tokens=False)] * args.k
         uniforms.append(question_uniforms(args.seed, step, q, args.k, args.max_new_tokens))
     zs, fin = generate(lm, prompts, args.max_new_tokens, tok.pad_token_id, stop, uniforms=torch.cat(uniforms),
-                       tok=tok, sampler=args.sampler, step_fn=args.step_fn)
+                       tok=tok, sampler=args.sampler, step_fn=step_fn)
     K = args.k
     return [(prompts[i * K], zs[i * K:(i + 1) * K], fin[i * K:(i + 1) * K]) for i in range(len(exs))]
 
@@ -600,7 +618,8 @@ def main(argv=None):
         args.parallel = "fsdp" if world > 1 and 16 * n_params > 0.6 * gpu_bytes else ("ddp" if world > 1 else "none")
     model = wrap(Scorer(lm, args.logprob_chunk), args.parallel, device, compute_dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    args.step_fn = torch.compile(lm, mode="reduce-overhead", dynamic=False) if args.compile else None
+    # the optional compiled decode step (fixed shapes thanks to the static KV cache)
+    step_fn = torch.compile(lm, mode="reduce-overhead", dynamic=False) if args.compile else None
     stop = stop_token_ids(tok, lm)
 
     start = 0
@@ -615,7 +634,7 @@ def main(argv=None):
         start = state["step"]
         print0(f"resumed from {ckpt} at step {start}")
 
-    config = {k: v for k, v in vars(args).items() if k != "step_fn"}
+    config = dict(vars(args))
     config.update(world=world, task=task, n_params=n_params, n_train=len(train), n_val=len(val))
     print0(json.dumps(config, indent=1))
     if master:
@@ -627,16 +646,21 @@ def main(argv=None):
             model(torch.zeros(1, 2, dtype=torch.long, device=device), torch.ones(1, 2, dtype=torch.long, device=device),
                   torch.ones(1, 2, dtype=torch.bool, device=device))
 
-    # held-out self-reward: rationales sampled ONCE from the initial model for a few validation questions
+    # held-out self-reward: rationales sampled once from the initial model (the reference: the same after a
+    # resume) for a few validation questions; their log pi(y|x+z) under the policy is tracked at every eval
     held = val[:args.heldout_questions]
-    with full_params(model), ctx:
-        held_rolls = rollout(lm, tok, held, range(len(held)), -1, args, stop, device) if held else []
+    with ctx:
+        held_rolls = rollout(ref.lm, tok, held, range(len(held)), -1, args, stop) if held else []
     heldout = [build_batch(p, zs, [answer_ids(tok, e, z) for z in zs], tok.pad_token_id)
                for e, (p, zs, _) in zip(held, held_rolls)]
 
     metrics_path, best = os.path.join(args.out, "metrics.jsonl"), -1.0
     if ckpt and os.path.exists(os.path.join(ckpt, "best.json")):
         best = json.load(open(os.path.join(ckpt, "best.json")))["val_accuracy"]
+    if ckpt and master and os.path.exists(metrics_path):  # drop rows logged after the checkpoint was written
+        rows = [l for l in open(metrics_path) if json.loads(l)["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(rows)
 
     def log(rec):
         if master:
@@ -667,13 +691,14 @@ def main(argv=None):
         # phase 1: sample K rationales per question (whole parameters on this device)
         t0 = time.time()
         with full_params(model), ctx:
-            rolls = rollout(lm, tok, exs, mine, step, args, stop, device)
+            rolls = rollout(lm, tok, exs, mine, step, args, stop, step_fn)
         t1 = time.time()
         # phase 2: fused scoring, the LaTRO loss, backward, one AdamW step
         sums = score_and_backward(model, ref, tok, exs, rolls, args, device, ctx, world)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         opt.step()
+        state_gb = train_state_gb(model, opt)
         opt.zero_grad(set_to_none=True)
         t2 = time.time()
 
@@ -682,7 +707,8 @@ def main(argv=None):
         n_rows = args.global_questions * args.k
         rec = {"step": step + 1, **{k: tot[k] / n_rows for k in keys}, "grad_norm": norm.item(),
                "lr": opt.param_groups[0]["lr"], "t_sample": t1 - t0, "t_update": t2 - t1,
-               "sample_tokens_per_s": tot["z_len"] / (t1 - t0) / world, "peak_mem_gb": peak_memory_gb(device)}
+               "sample_tokens_per_s": tot["z_len"] / (t1 - t0) / world, "peak_mem_gb": peak_memory_gb(device),
+               "train_state_gb": state_gb}
         log(rec)
         bar.set_postfix(reward=f"{rec['reward']:.2f}", logp_y=f"{rec['logp_y']:.2f}", kl=f"{rec['kl']:.3f}")
 

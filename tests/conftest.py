@@ -12,10 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = os.environ.get("LATRO_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+from smollm import SHARED, smollm_folder  # noqa: E402
+
 SHARED_DATA = os.path.join(SHARED, "data")
-GGUF = os.path.join(SHARED, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
-CACHE = os.environ.get("LATRO_TEST_CACHE", os.path.expanduser("~/.cache/latro-tests"))
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -74,30 +73,11 @@ def shared_data():
     return SHARED_DATA
 
 
-def smollm_folder() -> str:
-    """SmolLM2-135M-Instruct as an HF folder, converted once from the shared GGUF into CACHE."""
-    out = os.path.join(CACHE, "SmolLM2-135M-Instruct")
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return out
-    if not os.path.isfile(GGUF):
-        pytest.skip(f"shared model {GGUF} is absent")
-    pytest.importorskip("gguf", reason="converting the shared GGUF model needs the test-only package gguf")
-    pytest.importorskip("accelerate", reason="loading a GGUF file needs the test-only package accelerate")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder, name = os.path.split(GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model.hf_quantizer = None  # the GGUF weights are expanded to fp32: nothing quantized is left
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.makedirs(CACHE, exist_ok=True)
-    os.replace(tmp, out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def smollm_dir():
-    return smollm_folder()
+    try:
+        return smollm_folder()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    except ImportError as e:
+        pytest.skip(f"converting the shared GGUF model needs the test-only packages gguf and accelerate: {e}")

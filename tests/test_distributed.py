@@ -86,10 +86,13 @@ def test_world_size_invariance_fsdp_and_ddp_equals_fsdp(runs):
     assert_same_run(runs / "ddp", runs / "fsdp")
     for a, b in zip(metrics(runs / "fsdp")[1], metrics(runs / "ddp")[1], strict=True):  # validation rows too
         assert a == pytest.approx(b, rel=1e-5)
+    # FSDP holds half the parameters, gradients and AdamW state per rank on 2 ranks; DDP holds all of it
+    ddp, fsdp, one = (metrics(runs / r)[0][-1]["train_state_gb"] for r in ("ddp", "fsdp", "w1"))
+    assert ddp == pytest.approx(one) and 0.45 < fsdp / ddp < 0.55
 
 
 @pytest.mark.slow
-def test_training_moves_the_weights_and_logs_every_field(runs, tiny_dir):
+def test_training_moves_the_weights_and_logs_every_field(runs, tiny_dir, toy_data):
     before = load_file(os.path.join(tiny_dir, "model.safetensors"))
     after = weights(runs / "w1")
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 1e-4
@@ -104,6 +107,11 @@ def test_training_moves_the_weights_and_logs_every_field(runs, tiny_dir):
     lm = AutoModelForCausalLM.from_pretrained(os.path.join(runs / "w1", "checkpoint", "model"))
     assert sum(p.numel() for p in lm.parameters()) > 0
     assert os.path.isfile(os.path.join(runs / "w1", "best", "model.safetensors"))
+    # and eval.py scores a latro.py checkpoint like any model folder
+    import eval as ev
+    rows = ev.main(["--model", os.path.join(runs / "w1", "best"), "--dataset", toy_data, "--split", "train",
+                    "--limit", "2", "--max-new-tokens", "4", "--out", str(runs / "eval.jsonl")])
+    assert len(rows) == 2
 
 
 @pytest.mark.slow

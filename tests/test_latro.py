@@ -194,11 +194,12 @@ def test_truncation_at_each_template(tiny_tok, template):
     other = tiny_tok.encode("no stop here at all, just eggs and eggs and eggs", add_special_tokens=False)
     eos = tiny_tok.encode(f"{rationale}<|im_end|> more", add_special_tokens=False)
     lm = ScriptedLM([full, other, eos], len(tiny_tok), LlamaConfig(vocab_size=len(tiny_tok)))
-    zs, fin = latro.generate(lm, [[1, 2], [1, 2], [1, 2]], 30, tiny_tok.pad_token_id, [tiny_tok.eos_token_id],
-                             tok=tiny_tok, sampler="dynamic")
-    assert tiny_tok.decode(zs[0]).strip() == rationale and fin[0]        # the template is not part of z
-    assert len(zs[1]) == 30 and not fin[1]                               # unfinished: L tokens, no stop
-    assert tiny_tok.decode(zs[2]) == rationale and fin[2]                # EOS ends z and is not part of it
+    for check_every in (1, 3, 8, 64):  # how often stops are checked changes nothing
+        zs, fin = latro.generate(lm, [[1, 2], [1, 2], [1, 2]], 30, tiny_tok.pad_token_id, [tiny_tok.eos_token_id],
+                                 tok=tiny_tok, sampler="dynamic", check_every=check_every)
+        assert tiny_tok.decode(zs[0]).strip() == rationale and fin[0]    # the template is not part of z
+        assert len(zs[1]) == 30 and not fin[1]                           # unfinished: L tokens, no stop
+        assert tiny_tok.decode(zs[2]) == rationale and fin[2]            # EOS ends z and is not part of it
 
 
 def test_greedy_eval_does_not_stop_at_template(tiny_tok):

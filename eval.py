@@ -156,14 +156,8 @@ def evaluate(lm, tok, examples: list, indices: list, args, ctx, show: bool = Tru
 
 def main(argv=None):
     args = get_args(argv)
-    distributed = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = str(args.device).startswith("cuda") or (args.device is None and torch.cuda.is_available())
-    if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if use_cuda and args.device in (None, "cuda") else args.device or "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+    rank, world, device = latro.setup_distributed(args.device)
+    dtype = latro.pick_dtype(args.dtype, device)
 
     latro.model_path(args.model)  # fail on a wrong path before any work
     try:
@@ -178,7 +172,7 @@ def main(argv=None):
     t0 = time.time()
     mine = list(range(rank, len(examples), world))  # rows strided by rank
     rows = evaluate(lm, tok, [examples[i] for i in mine], mine, args, contextlib.nullcontext(), show=rank == 0)
-    if distributed:
+    if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
@@ -197,7 +191,7 @@ def main(argv=None):
               f"{args.max_new_tokens} new tokens | {seconds:.0f} s on {world} x {device.type} | rows: {out}")
         for line in summarize(rows, task, args.samples):
             print(line)
-    if distributed:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return rows
 

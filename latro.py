@@ -36,14 +36,17 @@ Departures from the paper / official code (SalesforceAIResearch/LaTRO), and why:
    at temperature 1, no top-k / top-p), so the per-question streams are a handful of uniforms.
 
 Commands:
-    # laptop CPU, a tiny run on local files (minutes)
-    python latro.py --model PATH/TO/SmolLM2-135M-Instruct --dataset ../shared/data/gsm8k --k 4 \
-        --max-new-tokens 64 --questions-per-rank 2 --steps 4 --val-size 8 --eval-every 2 --lr 1e-5
+    # laptop CPU, the real SmolLM2-135M-Instruct on local GSM8K files (about 3 minutes on 2 cores)
+    python latro.py --model "$(python tests/smollm.py)" --dataset ../shared/data/gsm8k --out runs/quickstart \
+        --k 4 --max-new-tokens 64 --questions-per-rank 2 --steps 4 --lr 1e-5 --val-size 8 --heldout-questions 4 \
+        --eval-every 2 --eval-max-new-tokens 32
     # one GPU
     python latro.py --model microsoft/Phi-3.5-mini-instruct --dataset gsm8k
-    # the paper's setting: 8 GPUs x 3 questions x K=16
+    # the paper's setting: 8 GPUs x 3 questions x K=16 (FSDP2 is picked for an 8B model)
     torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k
     torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B-Instruct --dataset arc_challenge
+    # CPU, 2 processes over gloo (what the tests do)
+    torchrun --nproc_per_node=2 latro.py --model TINY_FOLDER --dataset FILE.jsonl --questions-per-rank 2 --k 3
 """
 import argparse
 import contextlib
@@ -574,24 +577,32 @@ def score_and_backward(model, ref, tok, exs, rolls, args, device, ctx, world):
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
-def main(argv=None):
-    args = get_args(argv)
-    # torchrun idiom: one process per device, rank/world from the environment
-    distributed = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = str(args.device).startswith("cuda") or (args.device is None and torch.cuda.is_available())
-    if distributed:
+def setup_distributed(device_flag=None):
+    """The torchrun idiom: RANK / WORLD_SIZE / LOCAL_RANK from the environment (absent: one plain process),
+    nccl on GPUs and gloo on CPU, one device per process. Returns (rank, world, device)."""
+    use_cuda = str(device_flag).startswith("cuda") or (device_flag is None and torch.cuda.is_available())
+    if int(os.environ.get("RANK", -1)) != -1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if use_cuda and args.device in (None, "cuda") else args.device or "cpu")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda and device_flag in (None, "cuda") else device_flag or "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def pick_dtype(flag: str, device) -> torch.dtype:
+    """--dtype auto: bf16 on GPUs, fp32 on CPUs (where bf16 is ~3x slower)."""
+    return torch.bfloat16 if flag == "bf16" or (flag == "auto" and device.type == "cuda") else torch.float32
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = setup_distributed(args.device)
     master = rank == 0
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    compute_dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") \
-        else torch.float32
+    compute_dtype = pick_dtype(args.dtype, device)
     ctx = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32 else contextlib.nullcontext()
     args.grad_checkpointing = args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda")
 

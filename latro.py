@@ -261,7 +261,7 @@ def generate(lm, prompts: list, max_new: int, pad_id: int, stop_ids: list, unifo
         cache, span = StaticCache(config=lm.config, max_cache_len=P + max_new), lambda t: mask
     else:
         cache, span = DynamicCache(config=lm.config), lambda t: mask[:, :t]
-    step_fn = step_fn or lm
+    step_fn = lm if step_fn is None else step_fn
     logits = lm(input_ids=ids, attention_mask=span(P), position_ids=pos, cache=cache, use_cache=True,
                 logits_to_keep=1).logits[:, -1]                              # (B, V)
     out = torch.full((B, max_new), pad_id, dtype=torch.long, device=dev)

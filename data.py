@@ -117,6 +117,7 @@ def infer_task(name_or_path: str, first_row: dict) -> str:
 def _gsm8k_example(row: dict, i: int, split: str, source: str) -> Example:
     if "####" not in row.get("answer", ""):
         raise DataError(f"{source} row {i} (line {i + 1}): GSM8K answer has no '####': {row.get('answer')!r:.80}")
+    # the gold is what follows the last "####"; commas go ("1,000" -> "1000") so that y reads as a number
     gold = row["answer"].split("####")[-1].strip().replace(",", "")
     return Example("gsm8k", f"{split}-{i}", row["question"].strip(), gold)
 
@@ -130,6 +131,7 @@ def _arc_example(row: dict, i: int, source: str) -> Example:
         raise DataError(f"{source} row {i} (id {row.get('id')}): answerKey {row['answerKey']!r} not among "
                         f"labels {labels}")
     j = labels.index(key)
+    # y is built from the option TEXT (the paper's "The answer is {text of the correct option}.")
     return Example("arc_challenge", str(row.get("id", i)), row["question"].strip(), texts[j].strip(),
                    [t.strip() for t in texts], labels, j)
 
@@ -137,6 +139,7 @@ def _arc_example(row: dict, i: int, source: str) -> Example:
 def load_split(name_or_path: str, split: str = "train") -> list:
     """All rows of one split as `Example`s. `name_or_path`: gsm8k | arc_challenge | a hub id | a local path."""
     rows, source = _raw_rows(name_or_path, split)
+    # every row is checked here, at load time, so that a bad row fails before any GPU time is spent
     if len(rows) == 0:
         raise DataError(f"{source}: no rows")
     task = infer_task(name_or_path, rows[0])
@@ -150,7 +153,7 @@ def split_validation(examples: list, n_val: int, seed: int = 0):
     if not 0 <= n_val < len(examples):
         raise DataError(f"--val-size {n_val} must be in [0, {len(examples)}) for a split of {len(examples)} rows")
     order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
+    random.Random(seed).shuffle(order)  # a private Random: the global RNG state is left alone
     val = set(order[:n_val])
     return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
 
@@ -168,6 +171,7 @@ def user_message(ex: Example) -> str:
 def render_prompt(tokenizer, ex: Example) -> str:
     """The prompt x as text: chat template + generation prompt, or the plain fallback."""
     msg = user_message(ex)
+    # instruct models are scored as they are used: one user turn, then the assistant header to continue
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
                                              add_generation_prompt=True)
@@ -194,6 +198,7 @@ STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+).")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
 
+# NUMBER: an optional minus and "$", digits with thousands commas, an optional decimal part (or ".5")
 def _clean_number(s: str) -> str:
     """lm-eval's ignore list for GSM8K: commas, '$', a trailing period."""
     return re.sub(r"\.$", "", s.replace(",", "").replace("$", ""))
@@ -202,7 +207,7 @@ def _clean_number(s: str) -> str:
 def extract_gsm8k(text: str):
     """Official rule: the FIRST number after the LAST "The answer is" (any case), else the last number."""
     parts = re.split(r"the answer is", text, flags=re.IGNORECASE)
-    if len(parts) > 1:
+    if len(parts) > 1:  # parts[-1] is the text after the LAST template: a model that corrects itself wins
         after = NUMBER.findall(parts[-1])
         if after:
             return _clean_number(after[0])
@@ -218,7 +223,7 @@ def extract_gsm8k_strict(text: str):
 
 def extract_gsm8k_flexible(text: str):
     """lm-eval flexible-extract: the last match of (-?[$0-9.,]{2,})|(-?[0-9]+), or None."""
-    found = [a or b for a, b in FLEXIBLE.findall(text)]
+    found = [a or b for a, b in FLEXIBLE.findall(text)]  # findall gives (group1, group2): one is empty
     return _clean_number(found[-1]) if found else None
 
 
@@ -232,13 +237,14 @@ def gsm8k_equal(pred, gold) -> bool:
         except ValueError:
             return None
     a, b = num(pred), num(gold)
+    # relative tolerance: float("0.1") + float("0.2") style noise never decides a GSM8K answer
     return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # ARC parsing
 
-def _answer_segment(text: str):
+def answer_segment(text: str):
     """The text after the LAST "the answer is" up to the end of that line, or None."""
     parts = re.split(r"the answer is", text, flags=re.IGNORECASE)
     return parts[-1].strip().split("\n")[0] if len(parts) > 1 else None
@@ -262,10 +268,11 @@ def extract_arc(text: str, options: list):
     3. otherwise the options contained in the segment as whole tokens ("5" does not match "15"); if several
        match, the longest wins when it contains all the others as whole tokens ("red and blue" over "red";
        "meters" never matches inside "kilometers"), else None (ambiguous: "5 or 15")."""
-    seg = _answer_segment(text)
+    seg = answer_segment(text)
     if seg is None:
         return None
     letters = "ABCDE"[:len(options)]
+    # a bare letter must be short ("B", "B.") or bracketed: "A cell wall" is an option text, not letter A
     m = re.match(rf"^\(?([{letters}])\)?(?:[.:,)]|\s|$)", seg.strip())
     if m and (len(seg.strip()) <= 3 or seg.strip().startswith("(") or seg.strip()[1:2] == ")"):
         return letters.index(m.group(1))
@@ -273,7 +280,7 @@ def extract_arc(text: str, options: list):
         nseg, nopts = _norm(seg, lower), [_norm(o, lower) for o in options]
         if nseg in nopts:
             return nopts.index(nseg)
-    hits = [i for i, o in enumerate(nopts) if o and _contains(nseg, o)]
+    hits = [i for i, o in enumerate(nopts) if o and _contains(nseg, o)]   # nseg/nopts: the case-blind pass
     if len(hits) == 1:
         return hits[0]
     if hits:
@@ -283,7 +290,14 @@ def extract_arc(text: str, options: list):
     return None
 
 
+def is_correct(ex: Example, text: str) -> bool:
+    """The rule used for checkpoint selection: official numeric rule (GSM8K), exact option rule (ARC)."""
+    if ex.task == "gsm8k":
+        return gsm8k_equal(extract_gsm8k(text), ex.gold)
+    return extract_arc(text, ex.options) == ex.gold_index
+
+
 def arc_official_correct(text: str, gold_text: str) -> bool:
     """Official rule: the gold option text is contained in the text after "the answer is" (any case)."""
-    seg = _answer_segment(text)
+    seg = answer_segment(text)
     return seg is not None and gold_text.strip().lower() in seg.lower()

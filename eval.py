@@ -27,7 +27,6 @@ Commands:
     torchrun --nproc_per_node=8 eval.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k
 """
 import argparse
-import contextlib
 import json
 import os
 import time
@@ -70,12 +69,16 @@ def get_args(argv=None):
 
 def _num_key(v):
     """GSM8K answers vote by numeric value ("18" and "18.0" are one vote)."""
+    # a parser returns strings like "18", "18.0" or "1000"; anything float() rejects votes as itself
     try:
         return float(v)
     except (TypeError, ValueError):
         return v
 
 
+# Every rule is (extract, correct) so that greedy scoring and maj@k voting share one code path: maj@k votes
+# over the extracted answers and then asks `correct` of the winner. The ARC official rule extracts the text
+# after "the answer is" and checks containment of the gold text, exactly the official code's test.
 RULES = {
     "gsm8k": {
         "official": (lambda t, ex: data.extract_gsm8k(t), lambda v, ex: data.gsm8k_equal(v, ex.gold)),
@@ -83,7 +86,7 @@ RULES = {
         "flexible": (lambda t, ex: data.extract_gsm8k_flexible(t), lambda v, ex: data.gsm8k_equal(v, ex.gold)),
     },
     "arc_challenge": {
-        "official": (lambda t, ex: data._answer_segment(t),
+        "official": (lambda t, ex: data.answer_segment(t),
                      lambda v, ex: v is not None and data.arc_official_correct("the answer is " + v, ex.gold)),
         "exact": (lambda t, ex: data.extract_arc(t, ex.options), lambda v, ex: v == ex.gold_index),
     },
@@ -93,10 +96,11 @@ RULES = {
 def majority(values: list, task: str):
     """The most common parsed answer (None votes do not count; ties go to the earliest), or None."""
     keys = [_num_key(v) if task == "gsm8k" else v for v in values]
-    votes = Counter(k for k in keys if k is not None)
+    votes = Counter(k for k in keys if k is not None)   # an unparseable sample is an abstention, not a vote
     if not votes:
         return None
     top = max(votes.values())
+    # deterministic tie-break: the first sample (in stream order) whose answer has the top count
     return next(v for v, k in zip(values, keys) if k is not None and votes[k] == top)
 
 
@@ -105,7 +109,7 @@ def judge(ex, outputs: list) -> dict:
     row = {"parsed": {}, "correct": {}}
     for name, (extract, correct) in RULES[ex.task].items():
         parsed = [extract(o, ex) for o in outputs]
-        row["parsed"][name] = parsed[0]
+        row["parsed"][name] = parsed[0]          # None marks an unparseable output; it counts as wrong
         row["correct"][name] = bool(correct(parsed[0], ex))
         if len(outputs) > 1:
             vote = majority(parsed[1:], ex.task)
@@ -120,7 +124,7 @@ def summarize(rows: list, task: str, n_samples: int) -> list:
     names = list(RULES[task]) + ([f"{r}_maj" for r in RULES[task]] if n_samples else [])
     for name in names:
         ok = sum(r["correct"][name] for r in rows)
-        bad = sum(r["parsed"][name] is None for r in rows)
+        bad = sum(r["parsed"][name] is None for r in rows)   # reported, never hidden in the accuracy
         label = name.replace("_maj", f" maj@{n_samples}")
         lines.append(f"{task} {label:>18}: {ok}/{n} ({100 * ok / max(n, 1):.1f}%)  unparseable {bad}")
     return lines
@@ -129,22 +133,26 @@ def summarize(rows: list, task: str, n_samples: int) -> list:
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(lm, tok, examples: list, indices: list, args, ctx, show: bool = True) -> list:
+def evaluate(lm, tok, examples: list, indices: list, args, show: bool = True) -> list:
     """Rows for the given (index, example) pairs: greedy output, optional samples, parses per rule."""
     stop = latro.stop_token_ids(tok, lm)
     rows = []
     for b in tqdm(range(0, len(examples), args.batch_size), disable=not show, desc="eval"):
         exs, idx = examples[b:b + args.batch_size], indices[b:b + args.batch_size]
+        # the same prompt as training: chat template + "Let's think step by step.", zero-shot
         texts = [data.render_prompt(tok, e) for e in exs]
+        # the template already holds any BOS token: encoding must not add a second one
         prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
-        with ctx:
-            greedy, _ = latro.generate(lm, prompts, args.max_new_tokens, tok.pad_token_id, stop, sampler=args.sampler)
-            samples = [[] for _ in exs]
-            if args.samples:
-                u = torch.cat([latro.question_uniforms(args.seed, 0, i, args.samples, args.max_new_tokens) for i in idx])
-                outs, _ = latro.generate(lm, [p for p in prompts for _ in range(args.samples)], args.max_new_tokens,
-                                         tok.pad_token_id, stop, uniforms=u, sampler=args.sampler)
-                samples = [outs[j * args.samples:(j + 1) * args.samples] for j in range(len(exs))]
+        # greedy: no uniforms (argmax); no `tok`, so generation stops at end-of-turn only, never at the
+        # answer template as training rollouts do: the answer after "The answer is" is what we score
+        greedy, _ = latro.generate(lm, prompts, args.max_new_tokens, tok.pad_token_id, stop, sampler=args.sampler)
+        samples = [[] for _ in exs]
+        if args.samples:
+            # maj@k: k samples at T=1 from the question's own stream (keyed by its index, not its batch or rank)
+            u = torch.cat([latro.question_uniforms(args.seed, 0, i, args.samples, args.max_new_tokens) for i in idx])
+            outs, _ = latro.generate(lm, [p for p in prompts for _ in range(args.samples)], args.max_new_tokens,
+                                     tok.pad_token_id, stop, uniforms=u, sampler=args.sampler)
+            samples = [outs[j * args.samples:(j + 1) * args.samples] for j in range(len(exs))]
         for e, i, text, g, s in zip(exs, idx, texts, greedy, samples):
             outputs = [tok.decode(o, skip_special_tokens=True) for o in [g] + s]
             row = {"index": i, "id": e.id, "prompt": text, "output": outputs[0], "gold": e.gold, **judge(e, outputs)}
@@ -171,12 +179,12 @@ def main(argv=None):
 
     t0 = time.time()
     mine = list(range(rank, len(examples), world))  # rows strided by rank
-    rows = evaluate(lm, tok, [examples[i] for i in mine], mine, args, contextlib.nullcontext(), show=rank == 0)
-    if world > 1:
+    rows = evaluate(lm, tok, [examples[i] for i in mine], mine, args, show=rank == 0)
+    if world > 1:  # every rank's rows to every rank (small: text and a few fields per question)
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
-    rows.sort(key=lambda r: r["index"])
+    rows.sort(key=lambda r: r["index"])  # the file and the summary read the same whatever the world size
     seconds = time.time() - t0
 
     if rank == 0:

@@ -99,6 +99,8 @@ def get_args(argv=None):
       "official code 0)")
     # optimisation
     a("--questions-per-rank", type=int, default=3, help="questions per process per step (paper: 3 x 8 GPUs)")
+    a("--global-questions", type=int, default=None, help="questions per step over all processes; overrides "
+      "--questions-per-rank and must divide by the number of processes (keeps a run identical at any scale)")
     a("--micro-questions", type=int, default=1, help="questions per forward/backward micro-batch (K rows each)")
     a("--steps", type=int, default=None, help="optimizer steps; default: the paper's 117 (GSM8K) / 35 (ARC), "
       "scaled to keep the same number of rollouts when the global batch differs from 24 x 16")
@@ -132,11 +134,16 @@ def resolve_defaults(args, task: str, world: int):
     """Fill the task-dependent defaults and check the batch geometry."""
     if args.k < 2:
         raise SystemExit(f"--k {args.k}: the leave-one-out baseline needs at least 2 rationales per question")
+    if args.global_questions is None:
+        args.global_questions = args.questions_per_rank * world
+    elif args.global_questions < 1 or args.global_questions % world:
+        raise SystemExit(f"--global-questions {args.global_questions} does not divide over {world} processes")
+    else:
+        args.questions_per_rank = args.global_questions // world
     if args.questions_per_rank < 1 or args.questions_per_rank % args.micro_questions:
         raise SystemExit(f"--questions-per-rank {args.questions_per_rank} must be a positive multiple of "
                          f"--micro-questions {args.micro_questions}")
     args.beta = PAPER_BETA[task] if args.beta is None else args.beta
-    args.global_questions = args.questions_per_rank * world
     if args.steps is None:
         args.steps = round(PAPER_STEPS[task] * PAPER_ROLLOUTS_PER_STEP / (args.global_questions * args.k))
     if args.compile and args.sampler != "static":
@@ -257,6 +264,7 @@ def generate(lm, prompts: list, max_new: int, pad_id: int, stop_ids: list, unifo
     ids, mask = ids.to(dev), mask.to(dev)
     # left padding: positions count real tokens only, or rows would depend on their padding
     pos = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)
+    # logits_to_keep=1 below: the prefill needs the last position's logits only, not (B, P, V)
     if sampler == "static":  # fixed shapes: the cache and the mask are allocated once for P + max_new
         cache, span = StaticCache(config=lm.config, max_cache_len=P + max_new), lambda t: mask
     else:
@@ -264,6 +272,7 @@ def generate(lm, prompts: list, max_new: int, pad_id: int, stop_ids: list, unifo
     step_fn = lm if step_fn is None else step_fn
     logits = lm(input_ids=ids, attention_mask=span(P), position_ids=pos, cache=cache, use_cache=True,
                 logits_to_keep=1).logits[:, -1]                              # (B, V)
+    # tokens stay on the device between checks; the host copy is extended once per check
     out = torch.full((B, max_new), pad_id, dtype=torch.long, device=dev)
     host = [[] for _ in range(B)]              # the same ids on the host, for the stop checks
     length, finished, active = [max_new] * B, [False] * B, set(range(B))
@@ -424,6 +433,7 @@ def wrap(scorer, mode: str, device, compute_dtype):
 
 def all_sum(values: list, device) -> list:
     """Sum a list of floats over ranks (explicit collective for metrics)."""
+    # one all_reduce for all metrics; float64 so that sums of many log-probs keep their digits
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -432,6 +442,7 @@ def all_sum(values: list, device) -> list:
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """A seeded permutation of the n train rows for one epoch (cached: a step reads at most two epochs)."""
     order = list(range(n))
     random.Random(seed * 7919 + epoch).shuffle(order)
     return order
@@ -452,6 +463,7 @@ def train_state_gb(model, opt) -> float:
 
 
 def peak_memory_gb(device) -> float:
+    """Peak allocated GPU memory, or on CPU the peak resident set of this process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
@@ -464,21 +476,25 @@ def save_checkpoint(path: str, model, opt, tok, state: dict, master: bool):
     """policy (save_pretrained, fp32 master weights) + optimizer + step/RNG; crash-safe by rename."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(model, opt, options=full)  # collective: every rank calls it
+    # full (unsharded) tensors, gathered to CPU: a checkpoint that loads at any world size and in plain
+    # transformers. A collective: every rank calls it, rank 0 writes.
+    model_sd, optim_sd = get_state_dict(model, opt, options=full)
     if master:
         tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        sd = {k.removeprefix("lm."): v for k, v in model_sd.items()}
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written leftover of a crash
+        sd = {k.removeprefix("lm."): v for k, v in model_sd.items()}  # Scorer.lm.x -> x, as HF names them
         unwrap(model).save_pretrained(os.path.join(tmp, "model"), state_dict=sd)
         tok.save_pretrained(os.path.join(tmp, "model"))
+        # sampling draws from per-question streams keyed by the step, so these global states matter only to
+        # code that uses them (none in the default path); saved so that resume restores every RNG anyway
         state = dict(state, rng_torch=torch.get_rng_state(), rng_python=random.getstate())
         torch.save({"optimizer": optim_sd, **state}, os.path.join(tmp, "state.pt"))
         if os.path.exists(path):  # keep the last good one until the new one is in place
             os.replace(path, path + ".old")
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # atomic on one filesystem: `path` is always whole, or absent with .old whole
         shutil.rmtree(path + ".old", ignore_errors=True)
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier()  # no rank runs ahead (and possibly crashes) before the checkpoint is in place
 
 
 def find_checkpoint(out: str) -> str:
@@ -490,6 +506,7 @@ def find_checkpoint(out: str) -> str:
 
 
 def check_resume_config(saved: dict, args):
+    """Refuse a resume whose flags would change the run (the world size may change: the update does not)."""
     bad = [f"--{k.replace('_', '-')}: run {getattr(args, k)!r} vs checkpoint {saved.get(k)!r}"
            for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
     if bad:
@@ -499,17 +516,13 @@ def check_resume_config(saved: dict, args):
 # ----------------------------------------------------------------------------------------------------------
 # Validation: greedy accuracy on the held-out slice, and the held-out self-reward
 
-def is_correct(ex, text: str) -> bool:
-    if ex.task == "gsm8k":
-        return data.gsm8k_equal(data.extract_gsm8k(text), ex.gold)
-    return data.extract_arc(text, ex.options) == ex.gold_index
-
-
 @torch.no_grad()
 def validate(model, tok, val: list, args, rank: int, world: int, device, ctx, heldout):
     """Greedy accuracy on `val` (strided over ranks) and mean log pi(y|x+z) on the fixed held-out rollouts."""
     lm = unwrap(model)
     mine = val[rank::world]
+    # greedy rows cost like sampled ones: decode as many at once as a training rollout does (half, for the
+    # longer eval limit)
     correct, batch = 0, max(1, args.questions_per_rank * args.k // 2)
     stop = stop_token_ids(tok, lm)
     with full_params(model), ctx:
@@ -517,7 +530,9 @@ def validate(model, tok, val: list, args, rank: int, world: int, device, ctx, he
             exs = mine[i:i + batch]
             prompts = [tok.encode(data.render_prompt(tok, e), add_special_tokens=False) for e in exs]
             outs, _ = generate(lm, prompts, args.eval_max_new_tokens, tok.pad_token_id, stop, sampler=args.sampler)
-            correct += sum(is_correct(e, tok.decode(o, skip_special_tokens=True)) for e, o in zip(exs, outs))
+            correct += sum(data.is_correct(e, tok.decode(o, skip_special_tokens=True)) for e, o in zip(exs, outs))
+    # the held-out self-reward: same questions, same rationales at every evaluation, so its changes are
+    # the policy's alone (a learning curve free of sampling noise)
     logp_y_sum = 0.0
     with ctx:
         for ids, attn, z_mask, y_mask in heldout[rank::world]:
@@ -535,8 +550,11 @@ def rollout(lm, tok, exs, qidx, step, args, stop, step_fn=None):
     """Sample K rationales per question; returns per question (prompt ids, z list, finished list)."""
     prompts, uniforms = [], []
     for e, q in zip(exs, qidx):
+        # the chat template already holds any BOS token: encoding must not add a second one
         prompts += [tok.encode(data.render_prompt(tok, e), add_special_tokens=False)] * args.k
+        # q is the question's position in the GLOBAL step, so its stream is the same on any rank
         uniforms.append(question_uniforms(args.seed, step, q, args.k, args.max_new_tokens))
+    # all K rationales of all questions of this rank in one batch; `tok` turns on the template stop
     zs, fin = generate(lm, prompts, args.max_new_tokens, tok.pad_token_id, stop, uniforms=torch.cat(uniforms),
                        tok=tok, sampler=args.sampler, step_fn=step_fn)
     K = args.k
@@ -548,6 +566,7 @@ def score_and_backward(model, ref, tok, exs, rolls, args, device, ctx, world):
     lm, K, m = unwrap(model), args.k, args.micro_questions
     sums, n_micro = {}, len(exs) // m
     for j in range(n_micro):
+        # whole questions per micro-batch: the leave-one-out baseline needs a question's K rewards together
         batch = [build_batch(rolls[i][0], rolls[i][1], [answer_ids(tok, exs[i], z) for z in rolls[i][1]],
                              tok.pad_token_id) for i in range(j * m, (j + 1) * m)]
         T = max(b[0].shape[1] for b in batch)
@@ -555,9 +574,12 @@ def score_and_backward(model, ref, tok, exs, rolls, args, device, ctx, world):
         ids = torch.cat([pad(b[0], tok.pad_token_id) for b in batch]).to(device)   # (m*K, T)
         attn, z_mask, y_mask = (torch.cat([pad(b[i], 0) for b in batch]).to(device) for i in (1, 2, 3))
         finished = torch.tensor([f for i in range(j * m, (j + 1) * m) for f in rolls[i][2]], device=device)
+        # the reference first, without gradient, so its activations are gone before the policy's exist
         with torch.no_grad(), ctx:
             logp_z_ref = (ref(ids, attn, z_mask) * z_mask[:, 1:]).sum(-1)      # (m*K,) reference, z only
         lm.train(args.grad_checkpointing)  # HF checkpoints only in train mode; dropout is already 0
+        # DDP: all-reduce gradients only after the last micro-batch (FSDP2 reduce-scatters every backward and
+        # accumulates the sharded gradients, which keeps memory flat)
         sync = contextlib.nullcontext() if j == n_micro - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with ctx:
@@ -568,7 +590,7 @@ def score_and_backward(model, ref, tok, exs, rolls, args, device, ctx, world):
             # DDP / FSDP average gradients over ranks, hence the extra factor `world`.
             (loss * (m / args.global_questions) * world).backward()
         lm.eval()
-        for key, v in stats.items():
+        for key, v in stats.items():  # sums, not means: the loop divides by the global row count after all_sum
             sums[key] = sums.get(key, 0.0) + v * m * K
         sums["z_len"] = sums.get("z_len", 0.0) + z_mask.sum().item()
     return sums
@@ -619,11 +641,15 @@ def main(argv=None):
     # models: the policy keeps fp32 master weights; the frozen reference starts equal, in compute dtype
     tok = load_tokenizer(args.model)
     ckpt = find_checkpoint(args.out) if args.resume else None
+    # fp32 master weights whatever the compute dtype: at lr 5e-7 a bf16 weight would round the update away
     lm = load_model(os.path.join(ckpt, "model") if ckpt else args.model, torch.float32, device)
+    # pi_0 is always the STARTING model (also on resume), in the compute dtype, so that at step 0 its
+    # log-probs equal the policy's and the KL starts at exactly 0
     ref = Scorer(load_model(args.model, compute_dtype, device), args.logprob_chunk).requires_grad_(False)
     if args.grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params = sum(p.numel() for p in lm.parameters())
+    # fp32 weights + fp32 grads + AdamW m and v = 16 bytes per parameter for a replica
     if args.parallel == "auto":
         gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else float("inf")
         args.parallel = "fsdp" if world > 1 and 16 * n_params > 0.6 * gpu_bytes else ("ddp" if world > 1 else "none")
@@ -634,7 +660,7 @@ def main(argv=None):
     stop = stop_token_ids(tok, lm)
 
     start = 0
-    if ckpt:
+    if ckpt:  # weights came from the checkpoint folder above; now AdamW state, RNGs and the step
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
         check_resume_config(state["config"], args)
@@ -673,7 +699,7 @@ def main(argv=None):
         with open(metrics_path, "w") as f:
             f.writelines(rows)
 
-    def log(rec):
+    def log(rec):  # one JSON line per step / evaluation; tqdm.write keeps the progress bar intact
         if master:
             tqdm.write(json.dumps(rec))
             with open(metrics_path, "a") as f:
@@ -693,7 +719,7 @@ def main(argv=None):
         evaluate_and_keep_best(0)
     bar = tqdm(range(start, args.steps), disable=not master, desc="latro", initial=start, total=args.steps)
     for step in bar:
-        for g in opt.param_groups:
+        for g in opt.param_groups:  # the schedule is a function of the step: nothing to restore on resume
             g["lr"] = lr_at(step, args.steps, args.lr)
         idx = global_questions(train, step, args.global_questions, args.seed)
         mine = list(range(rank, args.global_questions, world))   # positions in the step, strided by rank
@@ -706,13 +732,15 @@ def main(argv=None):
         t1 = time.time()
         # phase 2: fused scoring, the LaTRO loss, backward, one AdamW step
         sums = score_and_backward(model, ref, tok, exs, rolls, args, device, ctx, world)
+        # the global gradient norm is logged every step; with --grad-clip 0 (paper) the max norm is infinite
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP returns a DTensor
         opt.step()
         state_gb = train_state_gb(model, opt)
         opt.zero_grad(set_to_none=True)
         t2 = time.time()
 
+        # every rank holds sums over its own rows: add them up, then divide by the global number of rollouts
         keys = sorted(sums)
         tot = dict(zip(keys, all_sum([sums[k] for k in keys], device)))
         n_rows = args.global_questions * args.k

@@ -41,7 +41,8 @@ CONFIGS = {  # LlamaConfig fields; "smollm2-135m" and "8b" are the shapes of Smo
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", help=f"model shape: {', '.join(CONFIGS)}")
-    p.add_argument("--layers", type=int, default=None, help="override the number of layers (e.g. to fit an update)")
+    p.add_argument("--update-layers", type=int, default=None, help="fewer layers for the score+update part only "
+                   "(an 8B update with fp32 master weights and AdamW does not fit one GPU)")
     p.add_argument("--rows", type=int, default=8, help="rows decoded together (paper: 48 per GPU)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps")
@@ -55,11 +56,11 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(args, dtype):
+def build(args, dtype, layers=None):
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = dict(CONFIGS[args.config], max_position_embeddings=4096, tie_word_embeddings=False)
-    if args.layers:
-        cfg["num_hidden_layers"] = args.layers
+    if layers:
+        cfg["num_hidden_layers"] = layers
     torch.manual_seed(0)
     with torch.device(args.device):
         lm = LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
@@ -119,7 +120,7 @@ def measure_update(args, which, lm, device, dtype):
     z_mask[:, P:P + Z] = True
     y_mask = torch.zeros_like(z_mask)
     y_mask[:, P + Z:] = True
-    ref = build(args, dtype).requires_grad_(False)
+    ref = build(args, dtype, args.update_layers).requires_grad_(False)
     lm = lm.float() if dtype == torch.bfloat16 else lm  # fp32 master weights, compute under autocast
     lm.train()
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-7)
@@ -161,11 +162,11 @@ def measure_update(args, which, lm, device, dtype):
 def run_one(args):
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    lm = build(args, dtype)
+    kind, which = args.only.split(":")
+    lm = build(args, dtype, args.update_layers if kind == "update" else None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = peak_gb(device) if device.type == "cpu" else 0.0
-    kind, which = args.only.split(":")
     res = measure_sampler(args, which, lm, device) if kind == "sample" else measure_update(args, which, lm, device, dtype)
     res["peak_gb"] = peak_gb(device) - base if device.type == "cpu" else peak_gb(device)
     print("RESULT " + json.dumps(res))
@@ -187,7 +188,7 @@ def main():
     if args.only:
         return run_one(args)
     dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    print(f"# {dev}, torch {torch.__version__}, config {args.config}{f' ({args.layers} layers)' if args.layers else ''},"
+    print(f"# {dev}, torch {torch.__version__}, config {args.config}{f' ({args.update_layers} layers for the update)' if args.update_layers else ''},"
           f" {args.dtype}, rows {args.rows}, prompt {args.prompt_len}, new tokens {args.new_tokens}, K {args.k}")
     samplers = ["hf_generate", "latro_dynamic", "latro_static"] + (["latro_static_compiled"] if args.compile else [])
     res = {s: child(args, f"sample:{s}") for s in samplers}

@@ -51,6 +51,11 @@ def build_tiny_model(vocab_size: int, seed: int = 0, **kw):
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or real-model tests (seconds to a minute); run by "
+                                       "default, leave out with -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def tiny_tok():
     return build_tokenizer()

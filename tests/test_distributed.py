@@ -67,11 +67,15 @@ def assert_same_run(a, b, steps=None):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_dir, toy_data):
-    """One process x 4 questions, and 2 processes x 2 questions in DDP and in FSDP mode: 4 steps each."""
+    """One process x 4 questions, and 2 processes x 2 questions in DDP and in FSDP mode (with and without
+    gradient checkpointing): 4 steps each."""
     root = tmp_path_factory.mktemp("runs")
     launch(root / "w1", tiny_dir, toy_data, 1, ["--questions-per-rank", "4", "--micro-questions", "2"])
-    launch(root / "ddp", tiny_dir, toy_data, 2, ["--questions-per-rank", "2", "--parallel", "ddp"])
+    launch(root / "ddp", tiny_dir, toy_data, 2, ["--global-questions", "4", "--parallel", "ddp"])
     launch(root / "fsdp", tiny_dir, toy_data, 2, ["--questions-per-rank", "2", "--parallel", "fsdp"])
+    # the GPU default: FSDP with activation recomputation in backward
+    launch(root / "fsdp_ckpt", tiny_dir, toy_data, 2, ["--questions-per-rank", "2", "--parallel", "fsdp",
+                                                       "--grad-checkpointing", "on"])
     return root
 
 
@@ -89,6 +93,11 @@ def test_world_size_invariance_fsdp_and_ddp_equals_fsdp(runs):
     # FSDP holds half the parameters, gradients and AdamW state per rank on 2 ranks; DDP holds all of it
     ddp, fsdp, one = (metrics(runs / r)[0][-1]["train_state_gb"] for r in ("ddp", "fsdp", "w1"))
     assert ddp == pytest.approx(one) and 0.45 < fsdp / ddp < 0.55
+
+
+@pytest.mark.slow
+def test_fsdp_with_gradient_checkpointing_changes_nothing(runs):
+    assert_same_run(runs / "fsdp", runs / "fsdp_ckpt")
 
 
 @pytest.mark.slow

@@ -286,3 +286,26 @@ def test_compiled_sampler_gives_same_tokens(tiny_tok):
     compiled = latro.generate(lm, prompts, 20, tiny_tok.pad_token_id, [tiny_tok.eos_token_id], uniforms=u,
                               step_fn=step_fn)
     assert eager == compiled
+
+
+def test_global_batch_geometry():
+    args = latro.get_args(["--model", "x", "--global-questions", "24"])
+    assert latro.resolve_defaults(args, "gsm8k", world=8).questions_per_rank == 3
+    args = latro.get_args(["--model", "x"])
+    args = latro.resolve_defaults(args, "arc_challenge", world=8)
+    assert (args.global_questions, args.steps, args.beta) == (24, 35, 0.25)   # the paper's ARC setting
+    args = latro.resolve_defaults(latro.get_args(["--model", "x", "--k", "8"]), "gsm8k", world=8)
+    assert (args.steps, args.beta) == (234, 0.05)   # half the rollouts per step: twice the steps
+    with pytest.raises(SystemExit, match="--global-questions 24 does not divide over 5 processes"):
+        latro.resolve_defaults(latro.get_args(["--model", "x", "--global-questions", "24"]), "gsm8k", world=5)
+    with pytest.raises(SystemExit, match="--k 1"):
+        latro.resolve_defaults(latro.get_args(["--model", "x", "--k", "1"]), "gsm8k", world=1)
+
+
+def test_import_data_is_light():
+    """`import data` needs neither a GPU, the network, nor the datasets package until something is loaded."""
+    import subprocess
+    import sys
+    code = "import sys, data; assert 'datasets' not in sys.modules and 'torch' not in sys.modules"
+    p = subprocess.run([sys.executable, "-c", code], cwd=latro.os.path.dirname(latro.__file__), capture_output=True)
+    assert p.returncode == 0, p.stderr

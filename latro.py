@@ -489,12 +489,17 @@ def save_checkpoint(path: str, model, opt, tok, state: dict, master: bool):
         # code that uses them (none in the default path); saved so that resume restores every RNG anyway
         state = dict(state, rng_torch=torch.get_rng_state(), rng_python=random.getstate())
         torch.save({"optimizer": optim_sd, **state}, os.path.join(tmp, "state.pt"))
-        if os.path.exists(path):  # keep the last good one until the new one is in place
-            os.replace(path, path + ".old")
-        os.replace(tmp, path)  # atomic on one filesystem: `path` is always whole, or absent with .old whole
-        shutil.rmtree(path + ".old", ignore_errors=True)
+        swap_into_place(tmp, path)
     if dist.is_initialized():
         dist.barrier()  # no rank runs ahead (and possibly crashes) before the checkpoint is in place
+
+
+def swap_into_place(tmp: str, path: str):
+    """Replace folder `path` by the finished folder `tmp`: the last good copy survives a crash at any point."""
+    if os.path.exists(path):  # keep the last good one until the new one is in place
+        os.replace(path, path + ".old")
+    os.replace(tmp, path)  # atomic on one filesystem: `path` is always whole, or absent with .old whole
+    shutil.rmtree(path + ".old", ignore_errors=True)
 
 
 def find_checkpoint(out: str) -> str:
@@ -691,9 +696,8 @@ def main(argv=None):
     heldout = [build_batch(p, zs, [answer_ids(tok, e, z) for z in zs], tok.pad_token_id)
                for e, (p, zs, _) in zip(held, held_rolls)]
 
-    metrics_path, best = os.path.join(args.out, "metrics.jsonl"), -1.0
-    if ckpt and os.path.exists(os.path.join(ckpt, "best.json")):
-        best = json.load(open(os.path.join(ckpt, "best.json")))["val_accuracy"]
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    best = state["best_val_accuracy"] if ckpt else -1.0  # the validation accuracy of OUT/best
     if ckpt and master and os.path.exists(metrics_path):  # drop rows logged after the checkpoint was written
         rows = [l for l in open(metrics_path) if json.loads(l)["step"] <= start]
         with open(metrics_path, "w") as f:
@@ -711,9 +715,7 @@ def main(argv=None):
         log(rec)
         if rec["val_accuracy"] > best:
             best = rec["val_accuracy"]
-            save_pretrained_atomic(model, tok, os.path.join(args.out, "best"), master)
-            if master:
-                json.dump(rec, open(os.path.join(args.out, "best", "best.json"), "w"))
+            save_pretrained_atomic(model, tok, os.path.join(args.out, "best"), master, rec)
 
     if args.eval_every and start == 0 and val:
         evaluate_and_keep_best(0)
@@ -755,10 +757,8 @@ def main(argv=None):
         if args.eval_every and val and (done % args.eval_every == 0 or done == args.steps):
             evaluate_and_keep_best(done)
         if (args.save_every and done % args.save_every == 0) or done == args.steps or done == args.stop_after:
-            save_checkpoint(os.path.join(args.out, "checkpoint"), model, opt, tok,
-                            {"step": done, "config": {k: config[k] for k in RESUME_KEYS}}, master)
-            if master and best >= 0:
-                json.dump({"val_accuracy": best}, open(os.path.join(args.out, "checkpoint", "best.json"), "w"))
+            save_checkpoint(os.path.join(args.out, "checkpoint"), model, opt, tok, {
+                "step": done, "best_val_accuracy": best, "config": {k: config[k] for k in RESUME_KEYS}}, master)
         if done == args.stop_after:
             print0(f"stopping after step {done} (--stop-after)")
             break
@@ -766,16 +766,19 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def save_pretrained_atomic(model, tok, path: str, master: bool):
-    """The policy alone, in `save_pretrained` form (loads with AutoModelForCausalLM.from_pretrained)."""
+def save_pretrained_atomic(model, tok, path: str, master: bool, record: dict):
+    """The policy alone, in `save_pretrained` form (loads with AutoModelForCausalLM.from_pretrained), with
+    the evaluation record that chose it in best.json."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if master:
-        shutil.rmtree(path + ".tmp", ignore_errors=True)
-        unwrap(model).save_pretrained(path + ".tmp", state_dict={k.removeprefix("lm."): v for k, v in sd.items()})
-        tok.save_pretrained(path + ".tmp")
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(path + ".tmp", path)
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in sd.items()})
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "best.json"), "w") as f:
+            json.dump(record, f)
+        swap_into_place(tmp, path)
     if dist.is_initialized():
         dist.barrier()
 

@@ -116,6 +116,9 @@ def test_training_moves_the_weights_and_logs_every_field(runs, tiny_dir, toy_dat
     lm = AutoModelForCausalLM.from_pretrained(os.path.join(runs / "w1", "checkpoint", "model"))
     assert sum(p.numel() for p in lm.parameters()) > 0
     assert os.path.isfile(os.path.join(runs / "w1", "best", "model.safetensors"))
+    best = json.load(open(os.path.join(runs / "w1", "best", "best.json")))
+    assert best["val_accuracy"] == max(r["val_accuracy"] for r in vals)
+    assert not os.path.exists(os.path.join(runs / "w1", "checkpoint.old"))
     # and eval.py scores a latro.py checkpoint like any model folder
     import eval as ev
     rows = ev.main(["--model", os.path.join(runs / "w1", "best"), "--dataset", toy_data, "--split", "train",

@@ -3,7 +3,7 @@ latro.py: LaTRO (LaTent Reasoning Optimization, Chen et al. 2024, arXiv 2411.042
 
 What it does: for every question x the model samples K chain-of-thought rationales z_1..z_K, appends the
 gold answer y = "The answer is {gold}." after each, and scores everything with ONE forward of the policy
-over [x ; z ; y] and ONE forward of a frozen reference copy over [x ; z]. Each rationale's self-reward is the
+over [x ; z ; y] and ONE forward of a frozen reference copy (read at the z positions). Each rationale's self-reward is the
 log-likelihood of the gold answer after it minus a KL penalty; REINFORCE with a leave-one-out baseline
 pushes the policy towards rationales that make the answer likely, and a direct gradient on log pi(y|x+z)
 teaches the answer itself. No reward model, no value network. The loop is plain torch.distributed: DDP
@@ -36,13 +36,15 @@ Departures from the paper / official code (SalesforceAIResearch/LaTRO), and why:
    at temperature 1, no top-k / top-p), so the per-question streams are a handful of uniforms.
 
 Commands:
-    # laptop CPU, the real SmolLM2-135M-Instruct on local GSM8K files (about 3 minutes on 2 cores)
+    # laptop CPU, the real SmolLM2-135M-Instruct on local GSM8K files (under 2 minutes on 2 cores)
     python latro.py --model "$(python tests/smollm.py)" --dataset ../shared/data/gsm8k --out runs/quickstart \
         --k 4 --max-new-tokens 64 --questions-per-rank 2 --steps 4 --lr 1e-5 --val-size 8 --heldout-questions 4 \
         --eval-every 2 --eval-max-new-tokens 32
     # one GPU
     python latro.py --model microsoft/Phi-3.5-mini-instruct --dataset gsm8k
-    # the paper's setting: 8 GPUs x 3 questions x K=16 (FSDP2 is picked for an 8B model)
+    # full fine-tuning of an 8B model on 8 x 80 GB (FSDP2 is picked: a DDP replica would need ~128 GB)
+    torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B
+    # the paper's setting: 8 GPUs x 3 questions x K=16
     torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k
     torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B-Instruct --dataset arc_challenge
     # CPU, 2 processes over gloo (what the tests do)
@@ -52,13 +54,11 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import random
 import re
 import resource
 import shutil
-import sys
 import time
 
 import torch
@@ -113,7 +113,8 @@ def get_args(argv=None):
     a("--eval-max-new-tokens", type=int, default=500, help="generation limit of the validation evaluation")
     a("--heldout-questions", type=int, default=8, help="validation questions whose fixed rationales track the "
       "held-out self-reward (mean log pi(y|x+z) on rationales sampled once at step 0)")
-    a("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps; 0 = only at the end")
+    a("--save-every", type=int, default=20, help="write a resumable checkpoint every N steps (and at the end); "
+      "0 = only at the end")
     a("--resume", action="store_true", help="continue from OUT/checkpoint (flags must match the saved run)")
     a("--stop-after", type=int, default=0, help="exit after this step as if interrupted (tests, job limits)")
     # systems

@@ -2,7 +2,6 @@
 DDP and FSDP mode; exact resume after an interruption; crash-safe checkpoints; clear errors for bad flags."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

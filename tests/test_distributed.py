@@ -175,3 +175,12 @@ def test_bad_model_and_dataset_are_named(tmp_path, tiny_dir, toy_data):
     assert p.returncode != 0 and "--model './no/such/model': no such folder" in p.stderr
     p = launch(tmp_path / "d", tiny_dir, "no_such_dataset", 1, check=False)
     assert p.returncode != 0 and "--dataset 'no_such_dataset'" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_world_size(runs, tmp_path, tiny_dir, toy_data):
+    """A checkpoint written by 1 process continues on 2 FSDP processes: the checkpoint is a full state dict."""
+    out = tmp_path / "rescaled"
+    launch(out, tiny_dir, toy_data, 1, ["--global-questions", "4", "--stop-after", "2"])
+    launch(out, tiny_dir, toy_data, 2, ["--global-questions", "4", "--parallel", "fsdp", "--resume"])
+    assert_same_run(runs / "w1", out, steps={3, 4})

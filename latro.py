@@ -503,6 +503,23 @@ def swap_into_place(tmp: str, path: str):
     shutil.rmtree(path + ".old", ignore_errors=True)
 
 
+def save_pretrained_atomic(model, tok, path: str, master: bool, record: dict):
+    """The policy alone, in `save_pretrained` form (loads with AutoModelForCausalLM.from_pretrained), with
+    the evaluation record that chose it in best.json."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if master:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in sd.items()})
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "best.json"), "w") as f:
+            json.dump(record, f)
+        swap_into_place(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def find_checkpoint(out: str) -> str:
     """OUT/checkpoint, or OUT/checkpoint.old when a crash came between the two renames."""
     for p in (os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old")):
@@ -765,23 +782,6 @@ def main(argv=None):
             break
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def save_pretrained_atomic(model, tok, path: str, master: bool, record: dict):
-    """The policy alone, in `save_pretrained` form (loads with AutoModelForCausalLM.from_pretrained), with
-    the evaluation record that chose it in best.json."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if master:
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrap(model).save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in sd.items()})
-        tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "best.json"), "w") as f:
-            json.dump(record, f)
-        swap_into_place(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ DATASETS = {
 HUB_ALIASES = {hub: name for name, (hub, _) in DATASETS.items()}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
-# The answer template that ends a rationale; the first entry is the one y is written with.
-ANSWER_TEMPLATES = ("The answer is", "So, the answer is", "Therefore, the answer is", "Answer:")
+# y is written with this template; the variants that END a rationale are matched by latro.TEMPLATE.
+ANSWER_PREFIX = "The answer is"
 GSM8K_SUFFIX = " Let's think step by step."
 ARC_SUFFIX = "\nLet's think step by step first then print your answer like 'The answer is (one of the options)'."
 
@@ -187,7 +187,7 @@ def end_of_turn(tokenizer) -> str:
 
 def answer_text(ex: Example) -> str:
     """y without the end-of-turn token: "The answer is {gold}." (a space before it comes from the caller)."""
-    return f"{ANSWER_TEMPLATES[0]} {ex.gold}."
+    return f"{ANSWER_PREFIX} {ex.gold}."
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -449,10 +449,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> list:
     return order
 
 
-def global_questions(train: list, step: int, n: int, seed: int) -> list:
+def global_questions(n_train: int, step: int, n: int, seed: int) -> list:
     """Train indices of the `n` questions of a step: epochs of a seeded permutation, read in order. A function
     of (seed, step) alone, so a resumed run reads the same questions without saving a data position."""
-    return [epoch_order(len(train), seed, pos // len(train))[pos % len(train)] for pos in range(step * n, (step + 1) * n)]
+    return [epoch_order(n_train, seed, pos // n_train)[pos % n_train] for pos in range(step * n, (step + 1) * n)]
 
 
 def train_state_gb(model, opt) -> float:
@@ -540,14 +540,13 @@ def check_resume_config(saved: dict, args):
 # Validation: greedy accuracy on the held-out slice, and the held-out self-reward
 
 @torch.no_grad()
-def validate(model, tok, val: list, args, rank: int, world: int, device, ctx, heldout):
+def validate(model, tok, val: list, args, rank: int, world: int, device, ctx, heldout, stop: list):
     """Greedy accuracy on `val` (strided over ranks) and mean log pi(y|x+z) on the fixed held-out rollouts."""
     lm = unwrap(model)
     mine = val[rank::world]
     # greedy rows cost like sampled ones: decode as many at once as a training rollout does (half, for the
     # longer eval limit)
     correct, batch = 0, max(1, args.questions_per_rank * args.k // 2)
-    stop = stop_token_ids(tok, lm)
     with full_params(model), ctx:
         for i in range(0, len(mine), batch):
             exs = mine[i:i + batch]
@@ -729,7 +728,7 @@ def main(argv=None):
 
     def evaluate_and_keep_best(step):
         nonlocal best
-        rec = {"step": step, **validate(model, tok, val, args, rank, world, device, ctx, heldout)}
+        rec = {"step": step, **validate(model, tok, val, args, rank, world, device, ctx, heldout, stop)}
         log(rec)
         if rec["val_accuracy"] > best:
             best = rec["val_accuracy"]
@@ -741,7 +740,7 @@ def main(argv=None):
     for step in bar:
         for g in opt.param_groups:  # the schedule is a function of the step: nothing to restore on resume
             g["lr"] = lr_at(step, args.steps, args.lr)
-        idx = global_questions(train, step, args.global_questions, args.seed)
+        idx = global_questions(len(train), step, args.global_questions, args.seed)
         mine = list(range(rank, args.global_questions, world))   # positions in the step, strided by rank
         exs = [train[idx[q]] for q in mine]
 

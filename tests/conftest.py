@@ -24,6 +24,21 @@ CORPUS = ["Let's think step by step. The answer is 18. So, the answer is 42. The
           "Janet has 16 eggs. She eats 3 and bakes 4, so 16 - 3 - 4 = 9 eggs remain. 9 * 2 = 18."] * 20
 
 
+def run_script(script: str, argv: list, nproc: int = 1, timeout: int = 600, one_thread: bool = True):
+    """Run a repo script as a user would: `python SCRIPT ...`, or `torchrun --nproc_per_node=N SCRIPT ...`
+    (gloo on CPU), offline. One thread per process by default, so that runs compared across world sizes
+    use the same kernels. Returns the CompletedProcess with text output."""
+    import subprocess
+    path = os.path.join(ROOT, script)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={nproc}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(launcher + [path, *argv], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
+
+
 def build_tokenizer(chat_template: bool = True):
     """A byte-level BPE trained here on CORPUS, ChatML special tokens, eos = <|im_end|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -2,14 +2,13 @@
 DDP and FSDP mode; exact resume after an interruption; crash-safe checkpoints; clear errors for bad flags."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_script
+
 STEPS = 4
 
 
@@ -27,13 +26,7 @@ def launch(out, model, dataset, nproc=1, extra=(), check=True):
     args = ["--model", model, "--dataset", dataset, "--out", str(out), "--k", "3", "--max-new-tokens", "12",
             "--steps", str(STEPS), "--val-size", "4", "--eval-every", "2", "--eval-max-new-tokens", "8",
             "--heldout-questions", "2", "--lr", "3e-3", "--seed", "1", *extra]
-    if nproc == 1:
-        cmd = [sys.executable, os.path.join(ROOT, "latro.py"), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(ROOT, "latro.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    p = run_script("latro.py", args, nproc)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return p

@@ -1,15 +1,13 @@
 """eval.py: batch-size independence, 1 vs 2 processes, maj@k voting, per-rule summary and rows, errors."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import data
 import eval as ev
+from conftest import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +26,7 @@ def toy_sets(tmp_path_factory):
 
 
 def run_cli(argv, nproc=1):
-    script = os.path.join(ROOT, "eval.py")
-    cmd = [sys.executable, script] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={nproc}", script]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run(cmd + argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return run_script("eval.py", argv, nproc)
 
 
 def rows_of(path):

@@ -4,22 +4,19 @@ step-to-step noise. About a minute on 2 cores; deselect with -m "not slow"."""
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_script
 
 
 @pytest.mark.slow
 def test_heldout_self_reward_rises(smollm_dir, shared_data, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "latro.py"), "--model", smollm_dir, "--dataset",
+    argv = ["--model", smollm_dir, "--dataset",
            os.path.join(shared_data, "gsm8k"), "--out", str(tmp_path), "--k", "2", "--max-new-tokens", "32",
            "--questions-per-rank", "2", "--steps", "6", "--lr", "2e-5", "--val-size", "4", "--heldout-questions", "4",
            "--eval-every", "1", "--eval-max-new-tokens", "4", "--seed", "0"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    p = run_script("latro.py", argv, timeout=1200, one_thread=False)
     assert p.returncode == 0, p.stderr[-4000:]
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     held = [r["heldout_logp_y"] for r in rows if "heldout_logp_y" in r]

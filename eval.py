@@ -1,19 +1,24 @@
 """
 eval.py: greedy zero-shot GSM8K and ARC-Challenge accuracy, auditable row by row.
 
-What it does: renders each question with the same prompt and chat template as training (data.py), decodes
-greedily (argmax, no sampling) until the end-of-turn token or --max-new-tokens, parses every output with
-every rule, and prints one summary line per rule. With --samples k it also decodes k samples at
-temperature 1 per question and reports maj@k (majority vote over the parsed answers), as the paper's
-Table 2 does with k = 8. Every question becomes one JSONL row (prompt, output, parsed answer and correctness
-per rule, gold) so a reviewer can check any number by hand.
+What it does: turns each question into prompt ids exactly as training does (data.prompt_ids: the official
+prompt, chat template or BOS), decodes greedily (argmax, no sampling) with latro.py's sampling engine until the
+end-of-turn token or --max-new-tokens, parses every output with every rule, and prints one summary line per rule.
+With --samples k it also decodes k samples at temperature 1 per question and reports maj@k (majority vote over
+the parsed answers), as the paper's Table 2 does with k = 8. Every question becomes one JSONL row (prompt,
+output, parsed answer and correctness per rule, gold), and the summary is written beside it as JSON; both are
+written atomically, and the output path is checked before any decoding starts.
 
 Rules (data.py):
-    GSM8K  official  first number after the last "The answer is", else the last number; numeric comparison
+    GSM8K  official  the official code's rule, exactly: first number after the last "The answer is"
+                     (case-sensitive), else the last number; float equality
            strict    lm-evaluation-harness strict-match "The answer is (-?[0-9.,]+)."
            flexible  lm-evaluation-harness flexible-extract: the last number-like token
-    ARC    official  the gold option text is contained in the text after "the answer is"
-           exact     the option chosen by letter / exact text / unambiguous whole-token containment
+    ARC    official  the official code's rule, exactly: the gold text is contained in the first sentence that
+                     holds "the answer is" (after it), else in the last sentence
+           exact     the ONE option chosen by letter / exact text / unambiguous whole-token containment
+maj@k votes on normalised answers: GSM8K by numeric value, ARC official by the official rule's answer text
+(lower-cased, stripped of brackets, quotes and periods), ARC exact by option.
 
 Departures from the official evaluation:
 1. Greedy is argmax decoding; the official code samples at temperature 1e-7.
@@ -27,8 +32,10 @@ Commands:
     torchrun --nproc_per_node=8 eval.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k
 """
 import argparse
+import hashlib
 import json
 import os
+import re
 import time
 from collections import Counter
 
@@ -41,61 +48,93 @@ import latro
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Greedy zero-shot GSM8K / ARC-Challenge scoring.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = latro.Parser(description="Greedy zero-shot GSM8K / ARC-Challenge scoring.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--model", required=True, help="hub name, local model folder, or a latro.py checkpoint (OUT/best)")
+    a("--model", required=True, help="hub name, local model folder, or a latro.py model (OUT/best, "
+      "OUT/checkpoint/model)")
     a("--dataset", required=True, help="gsm8k | arc_challenge | hub id | local file or folder of JSONL/parquet")
     a("--split", default="test", help="dataset split")
-    a("--limit", type=int, default=None, help="score only the first N questions")
-    a("--batch-size", type=int, default=16, help="questions decoded together per process")
-    a("--max-new-tokens", type=int, default=500, help="generation limit (paper: 500)")
-    a("--samples", type=int, default=0, help="k for maj@k: k samples at T=1 per question (paper: 8); 0 = off")
-    a("--seed", type=int, default=0, help="seed of the maj@k samples")
-    a("--out", default=None, help="per-question JSONL; default runs/eval/<model>-<dataset>-<split>.jsonl")
+    a("--limit", type=latro.POSITIVE, default=None, help="score only the first N questions")
+    a("--batch-size", type=latro.POSITIVE, default=16, help="questions decoded together per process")
+    a("--max-new-tokens", type=latro.POSITIVE, default=500, help="generation limit (paper: 500)")
+    a("--samples", type=latro.COUNT, default=0, help="k for maj@k: k samples at T=1 per question (paper: 8); 0 = off")
+    a("--seed", type=latro.COUNT, default=0, help="seed of the maj@k samples")
+    a("--out", default=None, help="per-question JSONL (the summary goes to OUT.summary.json); default: "
+      "runs/eval/<model path>-<dataset>-<split>.jsonl")
     a("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 on GPU, fp32 on CPU")
-    a("--sampler", choices=["static", "dynamic"], default="static", help="KV cache of the decode loop")
+    a("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the decode step (auto: GPU)")
+    a("--cuda-graphs", choices=["auto", "on", "off"], default="auto", help="CUDA-graph the decode step (auto: GPU)")
     a("--device", default=None, help="override the device (cpu, cuda:0)")
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        p.error(f"--limit {args.limit}: must be at least 1")
-    if args.samples < 0 or args.samples == 1:
-        p.error(f"--samples {args.samples}: use 0 (off) or k >= 2 for maj@k")
+    if args.samples == 1:
+        p.error("argument --samples: use 0 (off) or k >= 2 for maj@k")
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Rules: name -> (extract(text, ex) -> hashable answer or None, correct(answer, ex) -> bool)
+def default_out(model: str, dataset: str, split: str) -> str:
+    """runs/eval/<the model's whole path>-<dataset>-<split>.jsonl, plus a short hash of the absolute paths, so
+    that two models (every run's OUT/best) never write the same file."""
+    slug = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.normpath(s)).strip("_.") or "model"
+    key = hashlib.sha1(f"{os.path.abspath(model)}|{os.path.abspath(dataset)}".encode()).hexdigest()[:8]
+    return os.path.join("runs", "eval", f"{slug(model)}-{slug(dataset)}-{split}-{key}.jsonl")
 
-def _num_key(v):
-    """GSM8K answers vote by numeric value ("18" and "18.0" are one vote)."""
-    # a parser returns strings like "18", "18.0" or "1000"; anything float() rejects votes as itself
+
+def check_writable(path: str):
+    """Fail before the expensive part: make the folder and write (then remove) a probe next to `path`."""
     try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write("probe")
+        os.remove(path + ".tmp")
+    except OSError as e:
+        raise SystemExit(f"--out {path!r}: cannot write there ({e.strerror or e}); pass another --out") from None
 
+
+def write_atomic(path: str, text: str):
+    """Write `text` to path.tmp, then rename it over `path`: a reader never sees half a file."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise SystemExit(f"cannot write {path}: {e.strerror or e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules: name -> (extract(text, ex) -> answer or None, correct(answer, ex) -> bool)
 
 # Every rule is (extract, correct) so that greedy scoring and maj@k voting share one code path: maj@k votes
-# over the extracted answers and then asks `correct` of the winner. The ARC official rule extracts the text
-# after "the answer is" and checks containment of the gold text, exactly the official code's test.
+# over the normalised extracted answers and then asks `correct` of the winner.
 RULES = {
     "gsm8k": {
-        "official": (lambda t, ex: data.extract_gsm8k(t), lambda v, ex: data.gsm8k_equal(v, ex.gold)),
+        "official": (lambda t, ex: data.extract_gsm8k(t), lambda v, ex: data.gsm8k_official_equal(v, ex.gold)),
         "strict": (lambda t, ex: data.extract_gsm8k_strict(t), lambda v, ex: data.gsm8k_equal(v, ex.gold)),
         "flexible": (lambda t, ex: data.extract_gsm8k_flexible(t), lambda v, ex: data.gsm8k_equal(v, ex.gold)),
     },
     "arc_challenge": {
-        "official": (lambda t, ex: data.answer_segment(t),
-                     lambda v, ex: v is not None and data.arc_official_correct("the answer is " + v, ex.gold)),
+        "official": (lambda t, ex: data.arc_official_answer(t), lambda v, ex: data.arc_official_correct(v, ex.gold)),
         "exact": (lambda t, ex: data.extract_arc(t, ex.options), lambda v, ex: v == ex.gold_index),
     },
 }
 
 
-def majority(values: list, task: str):
+def vote_key(value):
+    """What a vote counts as: a number's value ("18" and "18.0" are one vote), else the text with its spacing
+    collapsed (the official ARC answer text is already lower-cased and stripped of brackets and periods)."""
+    if isinstance(value, str):
+        try:
+            return float(value.replace(",", ""))
+        except ValueError:
+            return " ".join(value.split())
+    return value
+
+
+def majority(values: list):
     """The most common parsed answer (None votes do not count; ties go to the earliest), or None."""
-    keys = [_num_key(v) if task == "gsm8k" else v for v in values]
+    keys = [None if v is None else vote_key(v) for v in values]
     votes = Counter(k for k in keys if k is not None)   # an unparseable sample is an abstention, not a vote
     if not votes:
         return None
@@ -112,50 +151,45 @@ def judge(ex, outputs: list) -> dict:
         row["parsed"][name] = parsed[0]          # None marks an unparseable output; it counts as wrong
         row["correct"][name] = bool(correct(parsed[0], ex))
         if len(outputs) > 1:
-            vote = majority(parsed[1:], ex.task)
+            vote = majority(parsed[1:])
             row["parsed"][f"{name}_maj"] = vote
             row["correct"][f"{name}_maj"] = bool(correct(vote, ex))
     return row
 
 
-def summarize(rows: list, task: str, n_samples: int) -> list:
-    """One line per rule: accuracy with counts, and the number of unparseable outputs."""
-    lines, n = [], len(rows)
+def summarize(rows: list, task: str, n_samples: int) -> dict:
+    """Per rule: correct, n, accuracy, and the number of unparseable outputs."""
     names = list(RULES[task]) + ([f"{r}_maj" for r in RULES[task]] if n_samples else [])
+    out = {}
     for name in names:
         ok = sum(r["correct"][name] for r in rows)
         bad = sum(r["parsed"][name] is None for r in rows)   # reported, never hidden in the accuracy
-        label = name.replace("_maj", f" maj@{n_samples}")
-        lines.append(f"{task} {label:>18}: {ok}/{n} ({100 * ok / max(n, 1):.1f}%)  unparseable {bad}")
-    return lines
+        out[name.replace("_maj", f" maj@{n_samples}")] = {"correct": ok, "n": len(rows),
+                                                           "accuracy": ok / max(len(rows), 1), "unparseable": bad}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def evaluate(lm, tok, examples: list, indices: list, args, show: bool = True) -> list:
+def evaluate(engine, tok, examples: list, indices: list, args, show: bool = True) -> list:
     """Rows for the given (index, example) pairs: greedy output, optional samples, parses per rule."""
-    stop = latro.stop_token_ids(tok, lm)
     rows = []
     for b in tqdm(range(0, len(examples), args.batch_size), disable=not show, desc="eval"):
         exs, idx = examples[b:b + args.batch_size], indices[b:b + args.batch_size]
-        # the same prompt as training: chat template + "Let's think step by step.", zero-shot
-        texts = [data.render_prompt(tok, e) for e in exs]
-        # the template already holds any BOS token: encoding must not add a second one
-        prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
-        # greedy: no uniforms (argmax); no `tok`, so generation stops at end-of-turn only, never at the
-        # answer template as training rollouts do: the answer after "The answer is" is what we score
-        greedy, _ = latro.generate(lm, prompts, args.max_new_tokens, tok.pad_token_id, stop, sampler=args.sampler)
+        prompts = [data.prompt_ids(tok, e) for e in exs]   # the same prompt ids as training
+        # greedy: no uniforms (argmax); no `tok`, so generation stops at end-of-turn only, never at the answer
+        # template as training rollouts do: the answer after "The answer is" is what we score
+        greedy, _ = engine.generate(prompts, args.max_new_tokens)
         samples = [[] for _ in exs]
         if args.samples:
             # maj@k: k samples at T=1 from the question's own stream (keyed by its index, not its batch or rank)
             u = torch.cat([latro.question_uniforms(args.seed, 0, i, args.samples, args.max_new_tokens) for i in idx])
-            outs, _ = latro.generate(lm, [p for p in prompts for _ in range(args.samples)], args.max_new_tokens,
-                                     tok.pad_token_id, stop, uniforms=u, sampler=args.sampler)
+            outs, _ = engine.generate([p for p in prompts for _ in range(args.samples)], args.max_new_tokens, u)
             samples = [outs[j * args.samples:(j + 1) * args.samples] for j in range(len(exs))]
-        for e, i, text, g, s in zip(exs, idx, texts, greedy, samples):
+        for e, i, p, g, s in zip(exs, idx, prompts, greedy, samples):
             outputs = [tok.decode(o, skip_special_tokens=True) for o in [g] + s]
-            row = {"index": i, "id": e.id, "prompt": text, "output": outputs[0], "gold": e.gold, **judge(e, outputs)}
+            row = {"index": i, "id": e.id, "prompt": tok.decode(p), "output": outputs[0], "gold": e.gold,
+                   **judge(e, outputs)}
             if s:
                 row["samples"] = outputs[1:]
             rows.append(row)
@@ -166,20 +200,24 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = latro.setup_distributed(args.device)
     dtype = latro.pick_dtype(args.dtype, device)
-
+    auto = lambda flag: flag == "on" or (flag == "auto" and device.type == "cuda")
+    out = args.out or default_out(args.model, args.dataset, args.split)
     latro.model_path(args.model)  # fail on a wrong path before any work
+    if rank == 0:
+        check_writable(out)
     try:
-        examples = data.load_split(args.dataset, args.split)
+        examples = data.load_split(args.dataset, args.split)[:args.limit]
     except data.DataError as e:
-        raise SystemExit(f"--dataset {args.dataset!r}: {e}") from e
-    examples = examples[:args.limit]
+        raise SystemExit(f"--dataset {args.dataset!r}: {e}") from None
     task = examples[0].task
     tok = latro.load_tokenizer(args.model)
     lm = latro.load_model(args.model, dtype, device)
+    engine = latro.Engine(lm, latro.stop_token_ids(tok, lm), compile=auto(args.compile),
+                          graphs=auto(args.cuda_graphs) and device.type == "cuda")
 
     t0 = time.time()
     mine = list(range(rank, len(examples), world))  # rows strided by rank
-    rows = evaluate(lm, tok, [examples[i] for i in mine], mine, args, show=rank == 0)
+    rows = evaluate(engine, tok, [examples[i] for i in mine], mine, args, show=rank == 0)
     if world > 1:  # every rank's rows to every rank (small: text and a few fields per question)
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
@@ -188,19 +226,18 @@ def main(argv=None):
     seconds = time.time() - t0
 
     if rank == 0:
-        name = os.path.basename(os.path.normpath(args.model))
-        ds = os.path.basename(os.path.normpath(args.dataset))
-        out = args.out or os.path.join("runs", "eval", f"{name}-{ds}-{args.split}.jsonl")
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        rules = summarize(rows, task, args.samples)
+        write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+        summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": len(rows),
+                   "max_new_tokens": args.max_new_tokens, "samples": args.samples, "seconds": seconds,
+                   "world": world, "device": device.type, "rows": out, "rules": rules}
+        write_atomic(out + ".summary.json", json.dumps(summary, indent=1))
         print(f"model {args.model} | {args.dataset} {args.split} | {len(rows)} questions | greedy, "
               f"{args.max_new_tokens} new tokens | {seconds:.0f} s on {world} x {device.type} | rows: {out}")
-        for line in summarize(rows, task, args.samples):
-            print(line)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        for name, r in rules.items():
+            print(f"{task} {name:>18}: {r['correct']}/{r['n']} ({100 * r['accuracy']:.1f}%)  unparseable "
+                  f"{r['unparseable']}")
+    dist.destroy_process_group()
     return rows
 
 

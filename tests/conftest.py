@@ -56,6 +56,33 @@ def build_tokenizer(chat_template: bool = True):
     return tok
 
 
+def build_sentencepiece_tokenizer(chat_template=None):
+    """A SentencePiece-style tokenizer like Llama-2 / Mistral / Phi-3.5's: Metaspace ("▁" for spaces, one
+    prepended to the text), byte fallback, and a BOS that encoding adds. `chat_template`: None (a base model),
+    "mistral" ([INST] ... [/INST] answer</s>) or "phi" (turns end with <|end|>, not the eos)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # as in Llama-2 / Mistral / Phi-3.5's tokenizer.json: a "▁" is prepended to the text and replaces spaces
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    alphabet = [f"<0x{i:02X}>" for i in range(256)]
+    sp.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, special_tokens=specials + alphabet))
+    sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<unk>")
+    if chat_template == "mistral":
+        tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                             " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    elif chat_template == "phi":
+        tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+                             "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+    return tok
+
+
 def build_tiny_model(vocab_size: int, seed: int = 0, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -101,3 +128,35 @@ def smollm_dir():
         pytest.skip(str(e))
     except ImportError as e:
         pytest.skip(f"converting the shared GGUF model needs the test-only packages gguf and accelerate: {e}")
+
+
+def plain_generate(lm, prompts, max_new, pad_id, stop_ids, uniforms=None, tok=None):
+    """The plain decode loop the sampling engine must match token for token: Hugging Face's forward with a
+    DynamicCache and a 2D padding mask, one token at a time, stops checked after every token."""
+    import latro
+    from transformers import DynamicCache
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, P + max_new, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):P] = 1
+    pos = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=lm.config)
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=mask[:, :P], position_ids=pos, cache=cache).logits[:, -1]
+        out, end = [[] for _ in range(B)], [None] * B
+        pos = pos[:, -1:]
+        for t in range(max_new):
+            nxt = latro.pick_token(logits.float(), None if uniforms is None else uniforms[:, t])
+            for i in range(B):
+                out[i].append(int(nxt[i]))
+                if end[i] is None:
+                    end[i] = latro.stop_position(out[i], t, set(stop_ids), tok, final=t == max_new - 1)
+            if all(e is not None for e in end):
+                break
+            mask[:, P + t] = 1
+            pos = pos + 1
+            logits = lm(input_ids=nxt[:, None], attention_mask=mask[:, :P + t + 1], position_ids=pos,
+                        cache=cache).logits[:, -1]
+    return [o[:e] if e is not None else o[:max_new] for o, e in zip(out, end)], [e is not None for e in end]

@@ -1,4 +1,5 @@
-"""eval.py: batch-size independence, 1 vs 2 processes, maj@k voting, per-rule summary and rows, errors."""
+"""eval.py: batch-size independence, 1 vs 2 processes, maj@k voting on normalised answers, per-rule summary and
+rows written atomically to a path that cannot collide, and the errors that come before any decoding."""
 import json
 import os
 
@@ -84,22 +85,69 @@ def test_judge_and_majority():
     row = ev.judge(ex, ["The answer is 18.", "The answer is 18.0", "so 7", "The answer is $18.", "nothing"])
     assert row["correct"] == {"official": True, "official_maj": True, "strict": True, "strict_maj": True,
                               "flexible": True, "flexible_maj": True}
-    assert ev.majority(["18", "18.0", "7", None, None, None], "gsm8k") == "18"   # None never wins
-    assert ev.majority(["7", "18", "18", "7"], "gsm8k") == "7"                   # ties: earliest
-    assert ev.majority([None, None], "gsm8k") is None
+    assert ev.majority(["18", "18.0", "7", None, None, None]) == "18"   # one value, one vote; None never wins
+    assert ev.majority(["7", "18", "18", "7"]) == "7"                   # ties: earliest
+    assert ev.majority([None, None]) is None
     arc = data.Example("arc_challenge", "x", "q", "15", ["5", "15", "25", "35"], list("ABCD"), 1)
-    row = ev.judge(arc, ["The answer is 15."])
-    assert row["correct"] == {"official": True, "exact": True}
-    row = ev.judge(arc, ["The answer is 5 or 15."])
-    assert row["correct"] == {"official": True, "exact": False}   # the containment rule is fooled, exact is not
+    assert ev.judge(arc, ["The answer is 15."])["correct"] == {"official": True, "exact": True}
+    # the containment rule is fooled, the exact rule is not
+    assert ev.judge(arc, ["The answer is 5 or 15."])["correct"] == {"official": True, "exact": False}
+
+
+def test_maj_votes_on_normalised_answers():
+    """Three spellings of one answer are three votes for it, not three answers of one vote each."""
+    ex = data.Example("arc_challenge", "x", "q", "photosynthesis", ["respiration", "photosynthesis"], ["A", "B"], 1)
+    samples = ["The answer is Photosynthesis.", "The answer is photosynthesis", "The answer is (photosynthesis).",
+               "The answer is respiration.", "The answer is respiration."]
+    row = ev.judge(ex, ["greedy: no idea"] + samples)
+    assert row["parsed"]["official_maj"] == "photosynthesis" and row["correct"]["official_maj"]
+    assert row["parsed"]["exact_maj"] == 1 and row["correct"]["exact_maj"]
+
+
+def test_default_out_never_collides():
+    a = ev.default_out("runs/a/best", "gsm8k", "test")
+    b = ev.default_out("runs/b/best", "gsm8k", "test")
+    assert a != b and a.startswith(os.path.join("runs", "eval", "runs_a_best-gsm8k-test-"))
+    assert ev.default_out("runs/a/best", "arc_challenge", "test") != a
+
+
+def test_rows_and_summary_written_atomically(tiny_dir, toy_sets, tmp_path):
+    out = tmp_path / "deep" / "r.jsonl"
+    p = run_cli(["--model", tiny_dir, "--dataset", str(toy_sets / "arc.jsonl"), "--split", "train", "--limit", "3",
+                 "--max-new-tokens", "8", "--out", str(out)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.load(open(str(out) + ".summary.json"))
+    assert summary["n"] == 3 and summary["rows"] == str(out) and set(summary["rules"]) == {"official", "exact"}
+    for name, r in summary["rules"].items():   # the printed lines are the summary's numbers
+        assert f"arc_challenge {name:>18}: {r['correct']}/3 " in p.stdout
+    assert len(rows_of(out)) == 3 and sorted(os.listdir(out.parent)) == ["r.jsonl", "r.jsonl.summary.json"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "./nowhere", "--dataset", "gsm8k"], "--model './nowhere': no such folder"),
     (["--model", "TINY", "--dataset", "no/such/file.jsonl"], "--dataset 'no/such/file.jsonl'"),
-    (["--model", "TINY", "--dataset", "gsm8k", "--limit", "0"], "--limit 0: must be at least 1"),
-    (["--model", "TINY", "--dataset", "gsm8k", "--samples", "1"], "--samples 1"),
+    (["--model", "TINY", "--dataset", "gsm8k", "--limit", "0"], "argument --limit: 0 must be >= 1"),
+    (["--model", "TINY", "--dataset", "gsm8k", "--samples", "1"], "argument --samples: use 0 (off) or k >= 2"),
+    (["--model", "TINY", "--dataset", "gsm8k", "--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
+    (["--model", "TINY", "--dataset", "gsm8k", "--batch-size", "-2"], "argument --batch-size: -2 must be >= 1"),
 ])
 def test_errors_are_named(tiny_dir, argv, message):
     p = run_cli([tiny_dir if a == "TINY" else a for a in argv])
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_unwritable_out_fails_before_decoding(tiny_dir, toy_sets, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    p = run_cli(["--model", tiny_dir, "--dataset", str(toy_sets / "gsm.jsonl"), "--split", "train",
+                 "--out", str(blocker / "rows.jsonl")])
+    assert p.returncode != 0 and "cannot write there" in p.stderr and "Traceback" not in p.stderr
+    assert "eval:" not in p.stderr            # no progress bar: nothing was decoded
+
+
+def test_checkpoint_folder_points_to_its_model(tmp_path, tiny_dir, toy_sets):
+    """--model OUT/checkpoint (a latro.py checkpoint, not a model folder) says where the model is."""
+    import shutil
+    shutil.copytree(tiny_dir, tmp_path / "checkpoint" / "model")
+    p = run_cli(["--model", str(tmp_path / "checkpoint"), "--dataset", str(toy_sets / "gsm.jsonl")])
+    assert p.returncode != 0 and "has no config.json" in p.stderr and "checkpoint/model" in p.stderr

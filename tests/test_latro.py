@@ -1,5 +1,7 @@
 """latro.py: the objective against the paper's estimator, unbiasedness by enumeration, fused scoring against
-separate forwards and Hugging Face's cross-entropy, truncation rules, masks, seeds, and the samplers."""
+separate forwards and Hugging Face's cross-entropy, masks, y tokenised in context, the sampling engine against the
+plain decode loop (several model families, greedy and sampled, compiled), truncation rules, the memory plan, and
+the flags."""
 import math
 
 import pytest
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 
 import data
 import latro
-from conftest import build_tiny_model
+from conftest import build_sentencepiece_tokenizer, build_tiny_model, plain_generate
 
 
 # ---------------------------------------------------------------- leave-one-out baseline
@@ -54,11 +56,11 @@ def separate_logprobs(lm, prompt, z, y):
 
 def make_rollouts(tok, lm, n_q=2, k=3, seed=0):
     ex = [data.Example("gsm8k", f"q{i}", f"What is {i} plus 4?", str(i + 4)) for i in range(n_q)]
-    prompts = [tok.encode(data.render_prompt(tok, e), add_special_tokens=False) for e in ex]
+    prompts = [data.prompt_ids(tok, e) for e in ex]
     g = torch.Generator().manual_seed(seed)
     zs = [[torch.randint(3, len(tok), (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist()
            for _ in range(k)] for _ in range(n_q)]
-    ys = [[latro.answer_ids(tok, e, z) for z in zq] for e, zq in zip(ex, zs)]
+    ys = [[latro.answer_ids(tok, e, z, data.end_of_turn(tok)) for z in zq] for e, zq in zip(ex, zs)]
     return prompts, zs, ys
 
 
@@ -167,99 +169,281 @@ def test_estimator_is_unbiased_by_enumeration():
     assert ((mean - exact).abs().max() < 0.1 * exact.abs().max())
 
 
-# ---------------------------------------------------------------- truncation and sampling
+# ---------------------------------------------------------------- y tokenised in context
+
+def test_answer_tokenised_in_context_with_sentencepiece():
+    """SentencePiece (Mistral, Phi-3.5): y encoded on its own gets an extra "▁" after a period and a "▁The" after
+    a newline; in context it gets the tokens the model would write there."""
+    tok = build_sentencepiece_tokenizer("phi")
+    ex = data.Example("gsm8k", "a", "q", "18")
+    for z_text, sep in [("We have 7 eggs.", " "), ("We have 7 eggs.\n", "")]:
+        z = tok.encode(z_text, add_special_tokens=False)
+        y = latro.answer_ids(tok, ex, z, "<|end|>")
+        whole = tok.encode(z_text + sep + "The answer is 18.<|end|>", add_special_tokens=False)
+        assert whole[:len(z)] == z and y == whole[len(z):]              # exactly the in-context tokens after z
+        assert tok.decode(z + y) == z_text + sep + "The answer is 18.<|end|>"
+        alone = tok.encode(sep + "The answer is 18.<|end|>", add_special_tokens=False)
+        assert y != alone                                                # what encoding y alone gave
+
+
+def test_answer_after_a_boundary_that_would_merge(tiny_tok):
+    """z ending in a space: byte-level BPE would merge that space into " The"; y then starts a fresh word."""
+    ex = data.Example("gsm8k", "a", "q", "7")
+    z = tiny_tok.encode("So 3 + 4 = 7. ", add_special_tokens=False)
+    y = latro.answer_ids(tiny_tok, ex, z, "<|im_end|>")
+    assert tiny_tok.decode(z + y) == "So 3 + 4 = 7. The answer is 7.<|im_end|>"
+
+
+# ---------------------------------------------------------------- the sampling engine against the plain loop
+
+FAMILIES = {  # tiny configs of the paper's families and their relatives: Llama, Mistral, Qwen2 (biases), Phi-3
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+}
+
+
+def family_model(name, vocab, seed=0):
+    import transformers
+    cfg_cls, lm_cls, extra = FAMILIES[name]
+    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                         **extra)
+    torch.manual_seed(seed)
+    return getattr(transformers, lm_cls)(cfg).eval()
+
+
+PROMPTS = ["What is 3 plus 4?", "Eggs", "1,000 dollars and", "Question: Which is a planet? Options: ['Mars', 'Sun']"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("greedy", [True, False])
+def test_engine_draws_the_tokens_of_the_plain_loop(tiny_tok, family, greedy):
+    lm = family_model(family, len(tiny_tok), seed=5)
+    prompts = [tiny_tok.encode(t, add_special_tokens=False) for t in PROMPTS]
+    u = None if greedy else torch.rand(4, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = plain_generate(lm, prompts, 40, tiny_tok.pad_token_id, [tiny_tok.eos_token_id], uniforms=u)
+    engine = latro.Engine(copy_of(lm), [tiny_tok.eos_token_id], prompt_bucket=16, row_bucket=8)
+    assert engine.generate(prompts, 40, uniforms=u) == want
+    # rows do not depend on what they are batched with (left padding, position ids, padded rows)
+    alone = engine.generate(prompts[1:2], 40, uniforms=None if u is None else u[1:2])
+    assert alone[0][0] == want[0][1]
+
+
+def copy_of(lm):
+    import copy
+    return copy.deepcopy(lm)
+
+
+def test_engine_reuses_one_state_per_bucket_and_one_kv_buffer(tiny_tok):
+    engine = latro.Engine(build_tiny_model(len(tiny_tok), seed=1), [tiny_tok.eos_token_id], prompt_bucket=32,
+                          row_bucket=8)
+    engine.reserve(16, 32 + 24)
+    buf = engine.buf
+    for n_rows, text in [(3, "Eggs"), (8, "What is 3 plus 4?"), (5, "1,000 dollars and eggs")]:
+        engine.generate([tiny_tok.encode(text, add_special_tokens=False)] * n_rows, 24)
+    assert set(engine.states) == {(8, 32, 24)}     # 3, 8 and 5 rows, prompts under 32 tokens: one shape
+    engine.generate([tiny_tok.encode("Eggs", add_special_tokens=False)] * 9, 24)
+    assert set(engine.states) == {(8, 32, 24), (16, 32, 24)} and engine.buf is buf   # no reallocation
+
+
+def test_engine_on_smollm_matches_the_plain_loop(smollm_dir):
+    lm = latro.load_model(smollm_dir, torch.float32, torch.device("cpu"))
+    tok = latro.load_tokenizer(smollm_dir)
+    ex = data.Example("gsm8k", "a", "Tom has 3 apples and buys 4 more. How many apples does he have?", "7")
+    p = data.prompt_ids(tok, ex)
+    u = latro.question_uniforms(0, 0, 0, 3, 24)
+    stop = latro.stop_token_ids(tok, lm)
+    want = plain_generate(lm, [p] * 3, 24, tok.pad_token_id, stop, uniforms=u, tok=tok)
+    assert latro.Engine(copy_of(lm), stop).generate([p] * 3, 24, uniforms=u, tok=tok) == want
+
+
+@pytest.mark.slow
+def test_compiled_engine_gives_same_tokens(tiny_tok):
+    """--compile: the torch.compile'd decode step (fullgraph) samples the same tokens as the eager one."""
+    lm = build_tiny_model(len(tiny_tok), seed=6)
+    prompts = [tiny_tok.encode(t, add_special_tokens=False) for t in PROMPTS[:2]]
+    u = torch.rand(2, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    eager = latro.Engine(copy_of(lm), [tiny_tok.eos_token_id]).generate(prompts, 20, uniforms=u)
+    compiled = latro.Engine(copy_of(lm), [tiny_tok.eos_token_id], compile=True).generate(prompts, 20, uniforms=u)
+    assert eager == compiled
+
+
+def test_refresh_replica_copies_the_policy_in_place(tmp_path, tiny_tok):
+    """After an update the replica holds the policy's weights (cast), in the same tensors (graphs stay valid)."""
+    import torch.distributed as dist
+    latro.setup_distributed("cpu")
+    try:
+        lm = build_tiny_model(len(tiny_tok), seed=7)
+        replica = latro.make_replica(build_tiny_model(len(tiny_tok), seed=7).to(torch.bfloat16))
+        ptrs = [p.data_ptr() for p in replica.parameters()]
+        model = latro.wrap(latro.Scorer(lm), "shard", torch.device("cpu"), torch.bfloat16, 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)
+        latro.refresh_replica(replica, model)
+        want = {k: (v + 0.5).to(torch.bfloat16) for k, v in build_tiny_model(len(tiny_tok), seed=7).state_dict().items()}
+        got = replica.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert [p.data_ptr() for p in replica.parameters()] == ptrs
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- truncation
 
 class ScriptedLM(torch.nn.Module):
-    """Emits a fixed token sequence per row (one-hot logits), with the interface `generate` uses."""
+    """Emits a fixed token sequence per row (one-hot logits), with the interface the engine uses."""
 
-    def __init__(self, scripts, vocab, config):
+    def __init__(self, scripts, vocab):
         super().__init__()
-        self.scripts, self.vocab, self.config, self.t = scripts, vocab, config, 0
-        self.device = torch.device("cpu")
+        from transformers import LlamaConfig
+        self.scripts, self.vocab, self.t = scripts, vocab, 0
+        self.config = LlamaConfig(vocab_size=vocab, hidden_size=8, num_attention_heads=2, num_hidden_layers=1)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def get_decoder(self):
+        return self
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True, logits_to_keep=0):
         self.t = 0 if input_ids.shape[1] > 1 else self.t + 1
-        logits = torch.full((len(self.scripts), 1, self.vocab), -1e4)
-        for i, s in enumerate(self.scripts):
+        logits = torch.full((input_ids.shape[0], 1, self.vocab), -1e4)
+        for i in range(input_ids.shape[0]):
+            s = self.scripts[i % len(self.scripts)]
             logits[i, 0, s[min(self.t, len(s) - 1)]] = 0.0
         return type("Out", (), {"logits": logits})()
 
 
-@pytest.mark.parametrize("template", ["The answer is", "So, the answer is", "Therefore, the answer is",
-                                      "Answer:", "the answer is"])
+def scripted(tok, texts, max_new=40, check_every=8, stop_at_template=True):
+    scripts = [tok.encode(t, add_special_tokens=False) for t in texts]
+    engine = latro.Engine(ScriptedLM(scripts, len(tok)), [tok.eos_token_id], check_every=check_every)
+    zs, fin = engine.generate([[1, 2]] * len(texts), max_new, tok=tok if stop_at_template else None)
+    return [tok.decode(z) for z in zs], fin
+
+
+@pytest.mark.parametrize("template", ["The answer is", "So, the answer is", "Therefore, the answer is", "Answer:",
+                                      "the answer is", "so the final answer is", "The answer is:"])
 def test_truncation_at_each_template(tiny_tok, template):
-    from transformers import LlamaConfig
     rationale = "We have 3 + 4 = 7 eggs."
-    full = tiny_tok.encode(f"{rationale} {template} 7.<|im_end|>", add_special_tokens=False)
-    other = tiny_tok.encode("no stop here at all, just eggs and eggs and eggs", add_special_tokens=False)
-    eos = tiny_tok.encode(f"{rationale}<|im_end|> more", add_special_tokens=False)
-    lm = ScriptedLM([full, other, eos], len(tiny_tok), LlamaConfig(vocab_size=len(tiny_tok)))
+    texts = [f"{rationale} {template} 7.<|im_end|>", "no stop here at all, just eggs and eggs and eggs",
+             f"{rationale}<|im_end|> more"]
     for check_every in (1, 3, 8, 64):  # how often stops are checked changes nothing
-        zs, fin = latro.generate(lm, [[1, 2], [1, 2], [1, 2]], 30, tiny_tok.pad_token_id, [tiny_tok.eos_token_id],
-                                 tok=tiny_tok, sampler="dynamic", check_every=check_every)
-        assert tiny_tok.decode(zs[0]).strip() == rationale and fin[0]    # the template is not part of z
-        assert len(zs[1]) == 30 and not fin[1]                           # unfinished: L tokens, no stop
-        assert tiny_tok.decode(zs[2]) == rationale and fin[2]            # EOS ends z and is not part of it
+        zs, fin = scripted(tiny_tok, texts, 30, check_every)
+        assert zs[0].strip() == rationale and fin[0]                       # the template is not part of z
+        assert len(tiny_tok.encode(zs[1], add_special_tokens=False)) >= 28 and not fin[1]   # unfinished at L
+        assert zs[2] == rationale and fin[2]                               # EOS ends z and is not part of it
+
+
+@pytest.mark.parametrize("text", ["Let me check my answer: 3 + 4 = 7, so 7 eggs remain in all of it",
+                                  "Well, the answer isn't 5, it is 7 eggs, counted twice and again",
+                                  "The answer island is far, 7 eggs were there, counted twice",
+                                  "Bathe answer is not a word but 7 eggs is, counted twice more"])
+def test_template_needs_its_exact_words(tiny_tok, text):
+    """Case-sensitive "Answer:", word boundaries: none of these is an answer template."""
+    for check_every in (1, 8):
+        zs, fin = scripted(tiny_tok, [text], 16, check_every)
+        assert not fin[0] and tiny_tok.decode(tiny_tok.encode(text, add_special_tokens=False)).startswith(zs[0])
+
+
+def test_first_of_two_templates_in_one_window(tiny_tok):
+    """Two templates within one check window: z ends at the FIRST, whatever the check period."""
+    text = "So 7. The answer is 7. Answer: 7.<|im_end|>"
+    for check_every in (1, 3, 8, 64):
+        zs, fin = scripted(tiny_tok, [text], 40, check_every)
+        assert zs[0] == "So 7." and fin[0]
+
+
+def test_template_at_the_very_end(tiny_tok):
+    """A template that the last allowed token completes counts (the text is complete: nothing can follow)."""
+    text = "So it is 7. The answer is"
+    n = len(tiny_tok.encode(text, add_special_tokens=False))
+    for check_every in (1, 4, 8):
+        zs, fin = scripted(tiny_tok, [text + " 7."], n, check_every)
+        assert zs[0] == "So it is 7." and fin[0]
 
 
 def test_greedy_eval_does_not_stop_at_template(tiny_tok):
-    from transformers import LlamaConfig
-    full = tiny_tok.encode("So 7. The answer is 7.<|im_end|>", add_special_tokens=False)
-    lm = ScriptedLM([full], len(tiny_tok), LlamaConfig(vocab_size=len(tiny_tok)))
-    out, fin = latro.generate(lm, [[1, 2]], 40, tiny_tok.pad_token_id, [tiny_tok.eos_token_id], sampler="dynamic")
-    assert tiny_tok.decode(out[0]) == "So 7. The answer is 7." and fin[0]
+    zs, fin = scripted(tiny_tok, ["So 7. The answer is 7.<|im_end|>"], 40, stop_at_template=False)
+    assert zs[0] == "So 7. The answer is 7." and fin[0]
 
 
-def test_pick_token_is_multinomial():
+def test_pick_token_is_multinomial_and_greedy_below_zero():
     logits = torch.tensor([[0.0, math.log(3.0), -1e9]]).repeat(40000, 1)
     u = torch.rand(40000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(latro.pick_token(logits, u), minlength=3).double() / 40000
     assert abs(counts[1] - 0.75) < 0.01 and counts[2] == 0
+    assert latro.pick_token(logits[:2], torch.tensor([-1.0, 0.01], dtype=torch.float64)).tolist() == [1, 0]
 
 
 def test_same_seed_same_rationales_and_loss(tiny_tok):
     lm = build_tiny_model(len(tiny_tok), seed=4)
-    prompt = tiny_tok.encode(data.render_prompt(tiny_tok, data.Example("gsm8k", "a", "What is 2 plus 2?", "4")),
-                             add_special_tokens=False)
+    ex = data.Example("gsm8k", "a", "What is 2 plus 2?", "4")
+    prompt = data.prompt_ids(tiny_tok, ex)
+    engine = latro.Engine(copy_of(lm), [tiny_tok.eos_token_id])
+
     def run(seed):
         u = latro.question_uniforms(seed, step=3, question=1, k=4, length=24)
-        zs, fin = latro.generate(lm, [prompt] * 4, 24, tiny_tok.pad_token_id, [tiny_tok.eos_token_id], uniforms=u,
-                                 tok=tiny_tok)
-        ex = data.Example("gsm8k", "a", "What is 2 plus 2?", "4")
-        ids, attn, zm, ym = latro.build_batch(prompt, zs, [latro.answer_ids(tiny_tok, ex, z) for z in zs], 0)
+        zs, fin = engine.generate([prompt] * 4, 24, uniforms=u, tok=tiny_tok)
+        ys = [latro.answer_ids(tiny_tok, ex, z, "<|im_end|>") for z in zs]
+        ids, attn, zm, ym = latro.build_batch(prompt, zs, ys, 0)
         lz, ly = latro.score(latro.Scorer(lm), ids, attn, zm, ym)
-        loss, _ = latro.latro_loss(lz.view(1, 4), lz.detach().view(1, 4), ly.view(1, 4),
-                                   torch.tensor([fin]), 0.05)
+        loss, _ = latro.latro_loss(lz.view(1, 4), lz.detach().view(1, 4), ly.view(1, 4), torch.tensor([fin]), 0.05)
         return zs, loss.item()
     a, b, c = run(0), run(0), run(1)
     assert a == b
     assert a[0] != c[0]
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_static_and_dynamic_samplers_give_same_tokens(tiny_tok, greedy):
-    lm = build_tiny_model(len(tiny_tok), seed=5)
-    prompts = [tiny_tok.encode(t, add_special_tokens=False) for t in ["What is 3 plus 4?", "Eggs", "1,000 dollars and"]]
-    u = None if greedy else torch.rand(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    outs = [latro.generate(lm, prompts, 40, tiny_tok.pad_token_id, [tiny_tok.eos_token_id], uniforms=u,
-                           sampler=s) for s in ("static", "dynamic")]
-    assert outs[0] == outs[1]
-    # and rows do not depend on what they are batched with (left padding, position ids)
-    alone = latro.generate(lm, prompts[1:2], 40, tiny_tok.pad_token_id, [tiny_tok.eos_token_id],
-                           uniforms=None if u is None else u[1:2])
-    assert alone[0][0] == outs[0][0][1]
+# ---------------------------------------------------------------- the memory plan
+
+def plan_for(cfg_kw, argv, world=1, mode="shard", on_gpu=True, prompt=192):
+    from transformers import LlamaConfig
+    shape = latro.model_shape(LlamaConfig(**cfg_kw))
+    args = latro.get_args(["--model", "x", *argv])
+    args.dtype, args.grad_checkpointing = "bf16", True
+    latro.resolve_defaults(args, "gsm8k", world, 7000, 200)
+    return shape, latro.plan_peaks(latro.memory_plan(shape, args, world, mode, on_gpu, prompt, 0.0))
 
 
-def test_samplers_agree_on_smollm(smollm_dir):
-    lm = latro.load_model(smollm_dir, torch.float32, torch.device("cpu"))
-    tok = latro.load_tokenizer(smollm_dir)
-    ex = data.Example("gsm8k", "a", "Tom has 3 apples and buys 4 more. How many apples does he have?", "7")
-    p = tok.encode(data.render_prompt(tok, ex), add_special_tokens=False)
-    u = latro.question_uniforms(0, 0, 0, 3, 24)
-    outs = [latro.generate(lm, [p] * 3, 24, tok.pad_token_id, latro.stop_token_ids(tok, lm), uniforms=u, tok=tok,
-                           sampler=s) for s in ("static", "dynamic")]
-    assert outs[0] == outs[1]
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+PHI35 = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False)
 
+
+def test_plan_arithmetic():
+    shape, shard8 = plan_for(LLAMA_8B, [], world=8, mode="shard")
+    assert shape["n"] == 8_030_261_248                         # Llama-3.1-8B's parameter count, from the config
+    _, replicate8 = plan_for(LLAMA_8B, [], world=8, mode="replicate")
+    G = 2**30
+    # replicating adds 15/16 of the 16 bytes per parameter of fp32 master, gradients and AdamW, per GPU
+    assert replicate8["update"][0] - shard8["update"][0] == pytest.approx(16 * shape["n"] * 7 / 8 / G)
+    _, offload1 = plan_for(PHI35, [], world=1, mode="offload")
+    _, shard1 = plan_for(PHI35, [], world=1, mode="shard")
+    assert shard1["update"][0] > 80 and offload1["update"][0] < 0.6 * 80   # Phi-3.5 on one 80 GB GPU: offload
+    assert offload1["update"][1] == pytest.approx(16 * 3_821_079_552 / G, rel=0.01)  # its 16 B/param on the host
+    # the KV cache of Phi-3.5 (no GQA): 48 rows x (192 + 500) tokens x 32 layers x 2 x 32 heads x 96 x 2 B
+    kv = 48 * 692 * 32 * 2 * 32 * 96 * 2 / G
+    assert offload1["sample"][0] - plan_for(PHI35, ["--k", "8"], mode="offload")[1]["sample"][0] > kv / 2 * 0.99
+
+
+def test_auto_layout_follows_the_plan(capsys):
+    from transformers import LlamaConfig
+    shape = latro.model_shape(LlamaConfig(**PHI35))
+    args = latro.get_args(["--model", "x", "--gpu-memory-gb", "80", "--plan-only"])
+    args.dtype, args.grad_checkpointing = "bf16", True
+    latro.resolve_defaults(args, "gsm8k", 1, 7000, 200)
+    mode, _ = latro.choose_layout(shape, args, 1, torch.device("cpu"), 192, 0.5)
+    assert mode == "shard"                                   # on a CPU everything is host memory: no offload
+    args.gpu_memory_gb = 10
+    with pytest.raises(SystemExit, match="does not fit"):
+        args.plan_only = False
+        latro.choose_layout(shape, args, 1, torch.device("cpu"), 192, 0.5)
+    assert "peak while score" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- flags
 
 def test_cli_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
@@ -271,35 +455,37 @@ def test_cli_help_documents_every_flag(capsys):
         latro.get_args(["--model", "x", "--no-such-flag"])
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("--steps", "0"), ("--steps", "-3"), ("--lr", "-1e-3"), ("--lr", "0"), ("--lr", "nan"), ("--max-new-tokens", "-5"),
+    ("--max-new-tokens", "0"), ("--micro-questions", "0"), ("--k", "0"), ("--val-size", "-1"), ("--beta", "-0.1"),
+    ("--questions-per-rank", "0"), ("--eval-every", "-1"), ("--logprob-chunk", "0"), ("--seed", "x"),
+    ("--gpu-memory-gb", "0"), ("--weight-decay", "-1"), ("--save-every", "-2"), ("--max-bad-steps", "0"),
+])
+def test_numeric_flags_are_range_checked_at_parse_time(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        latro.get_args(["--model", "x", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: " in err and len(err.strip().splitlines()) == 1
+
+
 def test_lr_schedule_linear_to_zero():
     assert [latro.lr_at(s, 4, 1.0) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
 
 
-@pytest.mark.slow
-def test_compiled_sampler_gives_same_tokens(tiny_tok):
-    """--compile: the torch.compile'd decode step samples the same tokens as the eager one (CPU, inductor)."""
-    lm = build_tiny_model(len(tiny_tok), seed=6)
-    prompts = [tiny_tok.encode(t, add_special_tokens=False) for t in ["What is 3 plus 4?", "Eggs and 1,000"]]
-    u = torch.rand(2, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    step_fn = torch.compile(lm, mode="reduce-overhead", dynamic=False)
-    eager = latro.generate(lm, prompts, 20, tiny_tok.pad_token_id, [tiny_tok.eos_token_id], uniforms=u)
-    compiled = latro.generate(lm, prompts, 20, tiny_tok.pad_token_id, [tiny_tok.eos_token_id], uniforms=u,
-                              step_fn=step_fn)
-    assert eager == compiled
-
-
 def test_global_batch_geometry():
     args = latro.get_args(["--model", "x", "--global-questions", "24"])
-    assert latro.resolve_defaults(args, "gsm8k", world=8).questions_per_rank == 3
-    args = latro.get_args(["--model", "x"])
-    args = latro.resolve_defaults(args, "arc_challenge", world=8)
+    assert latro.resolve_defaults(args, "gsm8k", 8, 7000, 200).questions_per_rank == 3
+    args = latro.resolve_defaults(latro.get_args(["--model", "x"]), "arc_challenge", 8, 1000, 200)
     assert (args.global_questions, args.steps, args.beta) == (24, 35, 0.25)   # the paper's ARC setting
-    args = latro.resolve_defaults(latro.get_args(["--model", "x", "--k", "8"]), "gsm8k", world=8)
+    args = latro.resolve_defaults(latro.get_args(["--model", "x", "--k", "8"]), "gsm8k", 8, 7000, 200)
     assert (args.steps, args.beta) == (234, 0.05)   # half the rollouts per step: twice the steps
-    with pytest.raises(SystemExit, match="--global-questions 24 does not divide over 5 processes"):
-        latro.resolve_defaults(latro.get_args(["--model", "x", "--global-questions", "24"]), "gsm8k", world=5)
-    with pytest.raises(SystemExit, match="--k 1"):
-        latro.resolve_defaults(latro.get_args(["--model", "x", "--k", "1"]), "gsm8k", world=1)
+    bad = [(["--global-questions", "24"], 5, 7000, 200, "--global-questions 24 does not divide over 5 processes"),
+           (["--k", "1"], 1, 7000, 200, "--k 1: the leave-one-out baseline needs at least 2"),
+           (["--global-questions", "40"], 1, 36, 4, "--global-questions 40 is more than the 36 train questions"),
+           (["--heldout-questions", "8"], 1, 36, 4, "--heldout-questions 8 needs --val-size >= 8")]
+    for argv, world, n_train, n_val, message in bad:
+        with pytest.raises(SystemExit, match=message):
+            latro.resolve_defaults(latro.get_args(["--model", "x", *argv]), "gsm8k", world, n_train, n_val)
 
 
 def test_import_data_is_light():

@@ -254,13 +254,14 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
 
 
-def prompt_ids(tokenizer, ex: Example) -> list:
-    """The ONE place an example becomes prompt token ids (training, validation, held-out rollouts, eval.py).
-    A chat template's text holds the BOS (encoding must not add a second one); a template-less (base) model
-    gets the tokenizer's BOS exactly when the tokenizer adds one itself."""
-    ids = tokenizer.encode(render_prompt(tokenizer, ex), add_special_tokens=False)
+def prompt_ids(tokenizer, examples: list) -> list:
+    """The ONE place examples become prompt token ids (training, validation, held-out rollouts, eval.py): one id
+    list per example, encoded as a batch. A chat template's text holds the BOS (encoding must not add a second
+    one); a template-less (base) model gets the tokenizer's BOS exactly when the tokenizer adds one itself."""
+    texts = [render_prompt(tokenizer, ex) for ex in examples]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     if not getattr(tokenizer, "chat_template", None) and adds_bos(tokenizer):
-        ids = [tokenizer.bos_token_id] + ids
+        ids = [[tokenizer.bos_token_id] + i for i in ids]
     return ids
 
 

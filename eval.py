@@ -65,6 +65,8 @@ def get_args(argv=None):
     a("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 on GPU, fp32 on CPU")
     a("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the decode step (auto: GPU)")
     a("--cuda-graphs", choices=["auto", "on", "off"], default="auto", help="CUDA-graph the decode step (auto: GPU)")
+    a("--decode-attention", choices=["math", "auto"], default="math", help="attention of the decode step (see "
+      "latro.py --help)")
     a("--device", default=None, help="override the device (cpu, cuda:0)")
     args = p.parse_args(argv)
     if args.samples == 1:
@@ -176,7 +178,7 @@ def evaluate(engine, tok, examples: list, indices: list, args, show: bool = True
     rows = []
     for b in tqdm(range(0, len(examples), args.batch_size), disable=not show, desc="eval"):
         exs, idx = examples[b:b + args.batch_size], indices[b:b + args.batch_size]
-        prompts = [data.prompt_ids(tok, e) for e in exs]   # the same prompt ids as training
+        prompts = data.prompt_ids(tok, exs)   # the same prompt ids as training
         # greedy: no uniforms (argmax); no `tok`, so generation stops at end-of-turn only, never at the answer
         # template as training rollouts do: the answer after "The answer is" is what we score
         greedy, _ = engine.generate(prompts, args.max_new_tokens)
@@ -201,6 +203,8 @@ def main(argv=None):
     rank, world, device = latro.setup_distributed(args.device)
     dtype = latro.pick_dtype(args.dtype, device)
     auto = lambda flag: flag == "on" or (flag == "auto" and device.type == "cuda")
+    if auto(args.cuda_graphs) and device.type != "cuda":
+        raise SystemExit("--cuda-graphs on needs a GPU")
     out = args.out or default_out(args.model, args.dataset, args.split)
     latro.model_path(args.model)  # fail on a wrong path before any work
     if rank == 0:
@@ -213,7 +217,7 @@ def main(argv=None):
     tok = latro.load_tokenizer(args.model)
     lm = latro.load_model(args.model, dtype, device)
     engine = latro.Engine(lm, latro.stop_token_ids(tok, lm), compile=auto(args.compile),
-                          graphs=auto(args.cuda_graphs) and device.type == "cuda")
+                          graphs=auto(args.cuda_graphs), attention=args.decode_attention)
 
     t0 = time.time()
     mine = list(range(rank, len(examples), world))  # rows strided by rank

@@ -174,6 +174,8 @@ def get_args(argv=None):
       "decode graphs cover a run")
     a("--row-bucket", type=POSITIVE, default=8, help="sampler rows are padded to a multiple of this")
     a("--stop-check-every", type=POSITIVE, default=8, help="decode steps between stop checks (one host sync each)")
+    a("--decode-attention", choices=["math", "auto"], default="math", help="attention of the decode step: math "
+      "(Inductor fuses the mask into it, as gpt-fast does) or auto (SDPA picks a fused kernel)")
     a("--logprob-chunk", type=POSITIVE, default=1024, help="positions per chunk of the log-softmax over the vocab")
     a("--gpu-memory-gb", type=RATE, default=None, help="plan against this much memory per GPU (default: what the "
       "device has; on a CPU, the host's memory)")
@@ -290,23 +292,26 @@ def model_shape(cfg) -> dict:
                 head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
 
 
-def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int, runtime_gb: float) -> list:
-    """Rows (item, GB per GPU, GB per host, phases it is live in) for one layout. Phases: sample (the replica
-    decodes), score (forward + backward of micro-batches), update (AdamW, then the replica refresh).
-    fp32 master weights, gradients and AdamW m, v: 16 bytes per parameter, divided over the ranks unless
-    replicated, on the host when offloaded. The reference and the sampler replica: 2 bytes per parameter each
-    in bf16, on every GPU. On a CPU everything is host memory."""
+def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int, runtime_gb: float,
+                tokens: int = None, adam_state: bool = True) -> list:
+    """Rows (item, GB per GPU, GB of host memory per process, phases it is live in) for one layout. Phases:
+    sample (the replica decodes), score (forward + backward of micro-batches), update (AdamW, then the replica
+    refresh), save (a checkpoint: rank 0 gathers full tensors in host memory). fp32 master weights, gradients
+    and AdamW m, v: 16 bytes per parameter, divided over the ranks unless replicated, on the host when
+    offloaded. The reference and the sampler replica: 2 bytes per parameter each in bf16, on every GPU. On a
+    CPU everything is host memory. `tokens`: the tokens of the largest micro-batch (default: the worst case,
+    every row at the longest prompt + L + y). Before the first update AdamW has no m, v (`adam_state` False)."""
     G, cb = 2**30, 4 if a.dtype == "fp32" else 2            # bytes per compute-dtype element
     N, H, I, V = s["n"], s["hidden"], s["inter"], s["vocab"]
     shards = 1 if mode == "replicate" else world
-    state_on = "host" if mode == "offload" or not on_gpu else "gpu"
+    state_on = "host" if mode == "offload" else "gpu"
     rows = a.questions_per_rank * a.k                        # rows the sampler decodes at once
     length = prompt_len + max(a.max_new_tokens, a.eval_max_new_tokens)
-    micro_tokens = a.micro_questions * a.k * (prompt_len + a.max_new_tokens + 24)   # + y
+    micro_tokens = tokens or a.micro_questions * a.k * (prompt_len + a.max_new_tokens + 24)   # + y
     layer_act = (10 * H + 4 * I) * cb + 2 * H * 4           # saved per token per layer, incl. fp32 norm inputs
     act = micro_tokens * (s["layers"] * H * cb + layer_act if a.grad_checkpointing else s["layers"] * layer_act)
-    items = [("fp32 master weights", 4 * N / shards, state_on, "all"),
-             ("AdamW m and v (fp32)", 8 * N / shards, state_on, "all"),
+    items = [("fp32 master weights", 4 * N / shards, state_on, "sample score update save"),
+             ("AdamW m and v (fp32)", 8 * N / shards, state_on, "sample score update save" if adam_state else "update"),
              ("gradients (fp32)", 4 * N / shards, state_on, "score update"),
              ("reference pi_0 (frozen)", cb * N, "gpu", "all"),
              ("sampler replica", cb * N, "gpu", "all"),
@@ -317,30 +322,34 @@ def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int
               "score update"),
              ("activations of one micro-batch", act, "gpu", "score"),
              ("log-prob chunk (fp32 logits + grad)", a.logprob_chunk * V * 12, "gpu", "score"),
+             ("checkpoint: full AdamW state on rank 0", 8 * N, "host", "save"),
              ("runtime (Python, torch, data; measured)", runtime_gb * G, "host", "all")]
     out = []
     for item, nbytes, where, phases in items:
         where = where if on_gpu else "host"
         out.append((item, nbytes / G if where == "gpu" else 0.0, nbytes / G if where == "host" else 0.0,
-                    ("sample", "score", "update") if phases == "all" else tuple(phases.split())))
+                    PHASES if phases == "all" else tuple(phases.split())))
     return out
 
 
+PHASES = ("sample", "score", "update", "save")
+
+
 def plan_peaks(rows: list) -> dict:
-    """{phase: (GB per GPU, GB per host)} of a plan."""
-    return {ph: (sum(r[1] for r in rows if ph in r[3]), sum(r[2] for r in rows if ph in r[3]))
-            for ph in ("sample", "score", "update")}
+    """{phase: (GB per GPU, GB of host memory per process)} of a plan."""
+    return {ph: (sum(r[1] for r in rows if ph in r[3]), sum(r[2] for r in rows if ph in r[3])) for ph in PHASES}
 
 
-def format_plan(rows: list, mode: str, gpu_gb: float, host_gb: float, on_gpu: bool) -> str:
-    peaks = plan_peaks(rows)
-    lines = [f"memory plan, --parallel {mode} (GB; the peak of each phase)",
-             f"  {'item':44s} {'per GPU':>9s} {'per host':>9s}  live in"]
-    lines += [f"  {item:44s} {g:9.2f} {h:9.2f}  {', '.join(ph)}" for item, g, h, ph in rows]
-    for ph, (g, h) in peaks.items():
-        lines.append(f"  {'peak while ' + ph:44s} {g:9.2f} {h:9.2f}")
-    cap = f"{gpu_gb:.1f} GB per GPU, " if on_gpu else ""
-    lines.append(f"  available: {cap}{host_gb:.1f} GB of host memory")
+def format_plan(rows: list, mode: str, gpu_gb: float, host_gb: float, on_gpu: bool, local: int) -> str:
+    """The plan as one table: per GPU and per host (all of this machine's processes), or on a CPU per process."""
+    cols = (lambda g, h: f"{g:9.2f} {h * local:9.2f}") if on_gpu else (lambda g, h: f"{h:9.2f}")
+    head = f"{'per GPU':>9s} {'per host':>9s}" if on_gpu else f"{'GB':>9s}"
+    lines = [f"memory plan, --parallel {mode}" + ("" if on_gpu else " (a CPU run: all host memory)"),
+             f"  {'item':44s} {head}  live in"]
+    lines += [f"  {item:44s} {cols(g, h)}  {', '.join(ph)}" for item, g, h, ph in rows]
+    lines += [f"  {'peak while ' + ph:44s} {cols(g, h)}" for ph, (g, h) in plan_peaks(rows).items()]
+    lines.append(f"  available: {f'{gpu_gb:.1f} GB per GPU, ' if on_gpu else ''}{host_gb:.1f} GB of host memory"
+                 + (f" ({local} processes on this host)" if local > 1 else ""))
     return "\n".join(lines)
 
 
@@ -354,28 +363,32 @@ def host_memory_gb() -> float:
 
 
 def choose_layout(shape, args, world, device, prompt_len, runtime_gb):
-    """Print the plan of the chosen (or the first fitting) layout; refuse before loading when none fits."""
-    on_gpu = device.type == "cuda"
-    host_gb = host_memory_gb()
-    gpu_gb = args.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if on_gpu
-                                    else host_gb)
-    if not on_gpu and args.gpu_memory_gb:
-        host_gb = args.gpu_memory_gb       # a CPU run plans against the memory it was told to use
+    """--parallel auto: the first layout whose plan fits (replicate, shard, offload); print its plan. Refuse
+    before any weights load when none fits, with the table and the single changes that would make it fit."""
+    on_gpu, local = device.type == "cuda", int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gpu_gb = args.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if on_gpu else 0)
+    host_gb = args.gpu_memory_gb if not on_gpu and args.gpu_memory_gb else host_memory_gb()
+
+    def fits(a, mode):  # 90%: room for the allocator's fragmentation and the CUDA context
+        peaks = plan_peaks(memory_plan(shape, a, world, mode, on_gpu, prompt_len, runtime_gb)).values()
+        return max(g for g, _ in peaks) <= 0.9 * gpu_gb * on_gpu and max(h for _, h in peaks) * local <= 0.9 * host_gb
     modes = [args.parallel] if args.parallel != "auto" else (["shard"] if world == 1 else ["replicate", "shard"]) + \
         (["offload"] if on_gpu else [])
-    fits = {}
-    for mode in modes:   # 90%: room for the allocator's fragmentation and the CUDA context
-        peaks = plan_peaks(memory_plan(shape, args, world, mode, on_gpu, prompt_len, runtime_gb)).values()
-        fits[mode] = max(g for g, _ in peaks) <= 0.9 * gpu_gb and max(h for _, h in peaks) <= 0.9 * host_gb
-    mode = next((m for m in modes if fits[m]), modes[-1])
-    rows = memory_plan(shape, args, world, mode, on_gpu, prompt_len, runtime_gb)
-    print0(format_plan(rows, mode, gpu_gb, host_gb, on_gpu))
-    if not fits[mode] and not args.plan_only:
-        raise SystemExit(f"the memory plan above does not fit ({'--parallel ' + mode}); it would fit with less: "
-                         f"--micro-questions 1, --grad-checkpointing on, a smaller --questions-per-rank or --k "
-                         f"(the KV cache), --max-new-tokens, or more GPUs"
-                         + ("" if not on_gpu or mode == "offload" else ", or --parallel offload"))
-    return mode, rows
+    mode = next((m for m in modes if fits(args, m)), modes[-1])
+    print0(format_plan(memory_plan(shape, args, world, mode, on_gpu, prompt_len, runtime_gb), mode, gpu_gb,
+                       host_gb, on_gpu, local))
+    if fits(args, mode) or args.plan_only:
+        return mode
+    tries = [("--parallel offload", "offload", {})] if on_gpu and mode != "offload" else []
+    tries += [("--grad-checkpointing on", mode, {"grad_checkpointing": True}),
+              ("--micro-questions 1", mode, {"micro_questions": 1})]
+    tries += [(f"--questions-per-rank {q} --micro-questions 1", mode, {"questions_per_rank": q, "micro_questions": 1})
+              for q in range(args.questions_per_rank - 1, 0, -1)]
+    would = [flag for flag, m, change in tries if fits(argparse.Namespace(**{**vars(args), **change}), m)]
+    raise SystemExit(f"the memory plan above does not fit (--parallel {mode}); "
+                     + (f"it would fit with {' or with '.join(would[:3])}" if would else
+                        "no single change of --parallel, --grad-checkpointing, --micro-questions or "
+                        "--questions-per-rank makes it fit: use more GPUs, a smaller --k or --max-new-tokens"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -463,8 +476,13 @@ class Engine:
     CUDA graph, then replayed for every token; on a CPU the same function runs eagerly (or compiled). Only the
     stop check runs on the host, every `check_every` tokens."""
 
-    def __init__(self, lm, stop_ids, compile=False, graphs=False, prompt_bucket=64, row_bucket=8, check_every=8):
+    def __init__(self, lm, stop_ids, compile=False, graphs=False, prompt_bucket=64, row_bucket=8, check_every=8,
+                 attention="math"):
+        from torch.nn.attention import SDPBackend
         self.lm, self.stop, self.graphs = lm, set(stop_ids), graphs
+        # decode attention: "math" lets Inductor write the one-query attention itself and fuse the mask into it
+        # (gpt-fast's choice); "auto" leaves SDPA to pick a fused kernel
+        self.backends = [SDPBackend.MATH] if attention == "math" else list(SDPBackend)
         self.prompt_bucket, self.row_bucket, self.check_every = prompt_bucket, row_bucket, check_every
         cfg, p = lm.config, next(lm.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -479,6 +497,8 @@ class Engine:
             decoder.rotary_emb = RotaryTable(decoder.rotary_emb, self.max_len, self.dtype, self.device)
         self.window = getattr(cfg, "sliding_window", None)
         # one compiled function for every shape: dynamic=False specialises it per bucket (a handful per run)
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self.pool = torch.cuda.graph_pool_handle() if graphs else None   # graphs of all shapes share memory
 
@@ -506,9 +526,11 @@ class Engine:
 
     def _step(self, st):
         """One decode step, device tensors only: token t-1 goes in at cache column `col`, token t comes out."""
+        from torch.nn.attention import sdpa_kernel
         st.mask.index_fill_(3, st.col, True)                  # the new token's column becomes visible
-        logits = self.lm(input_ids=st.token, attention_mask=st.mask, position_ids=st.pos, cache=st.cache,
-                         use_cache=True).logits[:, -1]         # (B, V)
+        with sdpa_kernel(self.backends):
+            logits = self.lm(input_ids=st.token, attention_mask=st.mask, position_ids=st.pos, cache=st.cache,
+                             use_cache=True).logits[:, -1]     # (B, V)
         nxt = pick_token(logits.float(), st.u.index_select(1, st.t).squeeze(1))   # (B,)
         st.out.index_copy_(1, st.t, nxt[:, None])
         st.token.copy_(nxt[:, None])
@@ -799,12 +821,14 @@ def reset_peak_memory(device):
     """Start a phase's peak: the allocator's peak on a GPU, the process's peak RSS (Linux VmHWM) on a CPU."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass  # not Linux: the peak then covers the whole run so far
+        return
+    try:  # glibc keeps freed heap: give it back first, or a phase would inherit the last phase's peak
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux / glibc: the peak then covers the whole run so far
 
 
 def peak_memory_gb(device) -> float:
@@ -844,18 +868,29 @@ def check_disk(path: str, need_gb: float, what: str):
     return None
 
 
-def write_folder(path: str, writer, need_gb: float, what: str):
-    """Write a folder as `path.tmp` with writer(tmp), then swap it into place. A failed write (disk full,
-    permission) removes its partial output and names the path and the space it needed."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # a half-written leftover of a crash
-    try:
-        writer(tmp)
-    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
+def write_folder(path: str, parts: list, need_gb: float, what: str, master: bool, device):
+    """Write folder `path` as `path.tmp`, then swap it into place. Each part is a function (tmp, write) called on
+    EVERY rank, since it may gather full tensors (a collective), and writing on rank 0. The parts run one after
+    the other, so only one of them is gathered in host memory at a time. A failed write (disk full, permission)
+    removes the partial output, names the path and the space it needed, and stops every rank; the last good
+    copy is kept."""
+    tmp, error = path + ".tmp", None
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written leftover of a crash
+    for part in parts:
+        try:
+            part(tmp, master and error is None)
+        except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
+            if not master:
+                raise
+            error = error or (f"cannot write {what} to {path} (about {need_gb:.1f} GB): {str(e).splitlines()[0][:200]}"
+                              f"; the partial copy was removed and the last good one is kept")
+    if master and error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SystemExit(f"cannot write {what} to {path} (about {need_gb:.1f} GB): {str(e).splitlines()[0][:200]}; "
-                         f"the partial copy was removed and the last good one is kept") from None
-    swap_into_place(tmp, path)
+    rank0_verdict(error, device)
+    if master:
+        swap_into_place(tmp, path)
+    dist.barrier()  # no rank runs ahead (and possibly crashes) before the folder is in place
 
 
 def swap_into_place(tmp: str, path: str):
@@ -866,45 +901,53 @@ def swap_into_place(tmp: str, path: str):
     shutil.rmtree(path + ".old", ignore_errors=True)
 
 
+def save_model_part(model, tok, subdir: str = ""):
+    """A write_folder part: the policy's full fp32 weights in `save_pretrained` form (+ the tokenizer)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    def part(tmp, write):
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if write:
+            folder = os.path.join(tmp, subdir)
+            model.lm.save_pretrained(folder, state_dict={k.removeprefix("lm."): v for k, v in sd.items()})
+            tok.save_pretrained(folder)
+    return part
+
+
+def check_before_saving(path: str, model, need_gb: float, what: str, master: bool, device):
+    """Never write from non-finite weights, nor start a write the disk has no room for."""
+    if not weights_finite(model, device):
+        rank0_verdict(f"not writing {path}: the weights are not finite; the last good copy is kept", device)
+    rank0_verdict(check_disk(path, need_gb, what) if master else None, device)
+
+
 def save_checkpoint(path: str, model, opt, tok, state: dict, master: bool, device):
     """model/ (save_pretrained, fp32 master weights), state.pt (AdamW, RNGs) and resume.json (step, best, the
-    flags that must match), as full (unsharded) tensors: it loads at any world size and in plain transformers.
-    A collective: every rank calls it, rank 0 writes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    flags that must match), as full (unsharded) tensors: it loads at any world size and in plain transformers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     need = 12 * state["n_params"] / 2**30 * 1.05                      # fp32 weights + AdamW m, v
-    if not weights_finite(model, device):
-        rank0_verdict(f"not writing {path}: the weights are not finite; the last good checkpoint is kept", device)
-    rank0_verdict(check_disk(path, need, "the checkpoint") if master else None, device)
-    model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if master:
-        def writer(tmp):
-            sd = {k.removeprefix("lm."): v for k, v in model_sd.items()}  # Scorer.lm.x -> x, as HF names them
-            model.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=sd)
-            tok.save_pretrained(os.path.join(tmp, "model"))
+    check_before_saving(path, model, need, "the checkpoint", master, device)
+
+    def optimizer_part(tmp, write):
+        sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if write:
+            torch.save({"optimizer": sd, "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()},
+                       os.path.join(tmp, "state.pt"))
             with open(os.path.join(tmp, "resume.json"), "w") as f:   # read before any weights load
                 json.dump(state, f, indent=1)
-            torch.save({"optimizer": optim_sd, "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()},
-                       os.path.join(tmp, "state.pt"))
-        write_folder(path, writer, need, "the checkpoint")
-    dist.barrier()  # no rank runs ahead (and possibly crashes) before the checkpoint is in place
+    write_folder(path, [save_model_part(model, tok, "model"), optimizer_part], need, "the checkpoint", master, device)
 
 
 def save_best(model, tok, path: str, master: bool, record: dict, n_params: int, device):
     """The policy alone, in `save_pretrained` form, with the evaluation record that chose it in best.json."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     need = 4 * n_params / 2**30 * 1.05
-    if not weights_finite(model, device):
-        rank0_verdict(f"not writing {path}: the weights are not finite", device)
-    rank0_verdict(check_disk(path, need, "the best model") if master else None, device)
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if master:
-        def writer(tmp):
-            model.lm.save_pretrained(tmp, state_dict={k.removeprefix("lm."): v for k, v in sd.items()})
-            tok.save_pretrained(tmp)
+    check_before_saving(path, model, need, "the best model", master, device)
+
+    def record_part(tmp, write):
+        if write:
             with open(os.path.join(tmp, "best.json"), "w") as f:
                 json.dump(record, f)
-        write_folder(path, writer, need, "the best model")
-    dist.barrier()
+    write_folder(path, [save_model_part(model, tok), record_part], need, "the best model", master, device)
 
 
 def find_checkpoint(out: str) -> str:
@@ -967,7 +1010,7 @@ def validate(run) -> dict:
     correct, batch = 0, a.questions_per_rank * a.k          # the training rollout's rows: the same decode graph
     for i in range(0, len(mine), batch):
         exs = mine[i:i + batch]
-        outs, _ = engine.generate([data.prompt_ids(tok, e) for e in exs], a.eval_max_new_tokens)
+        outs, _ = engine.generate(data.prompt_ids(tok, exs), a.eval_max_new_tokens)
         correct += sum(data.is_correct(e, tok.decode(o, skip_special_tokens=True)) for e, o in zip(exs, outs))
     # the held-out self-reward: same questions, same rationales at every evaluation, so its changes are the
     # policy's alone (a learning curve free of sampling noise)
@@ -985,11 +1028,9 @@ def validate(run) -> dict:
 
 def rollout(engine, tok, exs, qidx, step, args):
     """Sample K rationales per question; returns per question (prompt ids, z list, finished list)."""
-    prompts, uniforms = [], []
-    for e, q in zip(exs, qidx):
-        prompts += [data.prompt_ids(tok, e)] * args.k
-        # q is the question's position in the GLOBAL step, so its stream is the same on any rank
-        uniforms.append(question_uniforms(args.seed, step, q, args.k, args.max_new_tokens))
+    prompts = [p for p in data.prompt_ids(tok, exs) for _ in range(args.k)]
+    # q is the question's position in the GLOBAL step, so its stream is the same on any rank
+    uniforms = [question_uniforms(args.seed, step, q, args.k, args.max_new_tokens) for q in qidx]
     # all K rationales of all questions of this rank in one batch; `tok` turns on the template stop
     zs, fin = engine.generate(prompts, args.max_new_tokens, uniforms=torch.cat(uniforms), tok=tok)
     K = args.k
@@ -1026,6 +1067,7 @@ def score_and_backward(run, exs, rolls):
         for key, v in stats.items():  # sums, not means: the loop divides by the global row count after all_sum
             sums[key] = sums.get(key, 0.0) + v * m * K
         sums["z_len"] = sums.get("z_len", 0.0) + z_mask.sum().item()
+        sums["tokens"] = max(sums.get("tokens", 0), ids.numel())   # for the memory plan, not a metric
     return sums
 
 
@@ -1037,7 +1079,7 @@ def train_step(run, step: int) -> dict:
     idx = global_questions(len(run.train), step, a.global_questions, a.seed)
     mine = list(range(run.rank, a.global_questions, run.world))   # positions in the step, strided by rank
     exs = [run.train[idx[q]] for q in mine]
-    peaks, times = {}, [time.time()]
+    peaks, times, had_state = {}, [time.time()], bool(opt.state)   # AdamW's m, v exist from the first update
 
     def phase_end(name):
         peaks[name] = peak_memory_gb(dev)
@@ -1052,6 +1094,7 @@ def train_step(run, step: int) -> dict:
     # the global gradient norm is logged every step; with --grad-clip 0 (paper) the max norm is infinite
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    tokens = sums.pop("tokens")
     keys = sorted(sums)   # every rank holds sums over its own rows: add them up, divide by the global rollouts
     tot = dict(zip(keys, all_sum([sums[k] for k in keys], dev)))
     finite = math.isfinite(norm) and math.isfinite(tot["loss"])
@@ -1062,11 +1105,14 @@ def train_step(run, step: int) -> dict:
     opt.zero_grad(set_to_none=True)
     phase_end("update")
     n_rows = a.global_questions * a.k
+    # the plan at this step's shapes (its largest micro-batch), next to what each phase measured
+    plan = plan_peaks(run.plan(tokens=tokens, adam_state=had_state))
+    planned = {ph: g if dev.type == "cuda" else h for ph, (g, h) in plan.items()}
     rec = {"step": step + 1, **{k: tot[k] / n_rows for k in keys}, "grad_norm": norm, "lr": opt.param_groups[0]["lr"],
            "t_sample": times[1] - times[0], "t_score": times[2] - times[1], "t_update": times[3] - times[2],
            "sample_tokens_per_s": tot["z_len"] / (times[1] - times[0]) / run.world, "train_state_gb": state_gb}
     for ph in ("sample", "score", "update"):   # measured peak of each phase next to the plan's prediction
-        rec[f"peak_gb_{ph}"], rec[f"plan_gb_{ph}"] = peaks[ph], run.plan_peaks[ph]
+        rec[f"peak_gb_{ph}"], rec[f"plan_gb_{ph}"] = peaks[ph], planned[ph]
     if not finite:
         rec["skipped"] = "non-finite loss or gradient norm: no update"
     return rec
@@ -1129,10 +1175,11 @@ def setup(args):
     model_path(args.model)  # fail on a wrong path before any work
     train, val, args = load_data(args, world)
     tok = load_tokenizer(args.model)
-    longest = max(len(data.prompt_ids(tok, e)) for e in train + val)
+    longest = max(len(p) for p in data.prompt_ids(tok, train + val))
     prompt_len = -(-longest // args.prompt_bucket) * args.prompt_bucket
     shape = model_shape(load_config(args.model))
-    args.parallel, plan = choose_layout(shape, args, world, device, prompt_len, rss_gb())
+    runtime_gb = rss_gb()                          # Python, torch, tokenizer and data: measured, not guessed
+    args.parallel = choose_layout(shape, args, world, device, prompt_len, runtime_gb)
     if args.plan_only:
         return None
     claim_run_folder(args, master, device)
@@ -1150,7 +1197,8 @@ def setup(args):
     ref_lm = load_model(args.model, dtype, device).requires_grad_(False)
     replica = make_replica(ref_lm)
     engine = Engine(replica, stop_token_ids(tok, lm), compile=args.compile, graphs=args.cuda_graphs,
-                    prompt_bucket=args.prompt_bucket, row_bucket=args.row_bucket, check_every=args.stop_check_every)
+                    prompt_bucket=args.prompt_bucket, row_bucket=args.row_bucket, check_every=args.stop_check_every,
+                    attention=args.decode_attention)
     engine.reserve(args.questions_per_rank * args.k, prompt_len + max(args.max_new_tokens, args.eval_max_new_tokens))
     model = wrap(Scorer(lm, args.logprob_chunk), args.parallel, device, dtype, world)
     with torch.no_grad():  # FSDP2 picks its root on the first forward: make it go through the root
@@ -1161,8 +1209,8 @@ def setup(args):
     run = SimpleNamespace(args=args, rank=rank, world=world, device=device, master=master, tok=tok, train=train,
                           val=val, model=model, ref=Scorer(ref_lm, args.logprob_chunk), replica=replica,
                           engine=engine, opt=opt, eot=data.end_of_turn(tok), n_params=shape["n"], start=0,
-                          best=None, plan_peaks={ph: g if device.type == "cuda" else h
-                                                 for ph, (g, h) in plan_peaks(plan).items()},
+                          best=None, plan=functools.partial(memory_plan, shape, args, world, args.parallel,
+                                                            device.type == "cuda", prompt_len, runtime_gb),
                           metrics=os.path.join(args.out, "metrics.jsonl"))
     # held-out self-reward: rationales sampled once from the initial model (the replica still equals pi_0, also
     # after a resume) for a few validation questions; their log pi(y|x+z) is tracked at every evaluation
@@ -1235,9 +1283,9 @@ def summary(run, done: int, last: dict, why: str):
     if run.best:
         print0(f"best: {os.path.join(a.out, 'best')} (val_accuracy {run.best['val_accuracy']:.4g} at step "
                f"{run.best['step']})")
-    if getattr(run, "saved", None) or run.start:
-        print0(f"checkpoint: {os.path.join(a.out, 'checkpoint')} (step {getattr(run, 'saved', None) or run.start}; "
-               f"continue with --resume)")
+    saved = getattr(run, "saved", None) or run.start
+    print0(f"checkpoint: {os.path.join(a.out, 'checkpoint')} (step {saved}; continue with --resume)" if saved else
+           "checkpoint: none written (SIGTERM, --save-every or the last step write one)")
 
 
 def main(argv=None):

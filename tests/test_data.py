@@ -120,14 +120,14 @@ def test_prompts_are_the_official_ones():
 
 def test_prompt_ids_bos_exactly_when_the_tokenizer_adds_one():
     base = build_sentencepiece_tokenizer(None)           # a base model whose tokenizer adds <s>
-    ids = data.prompt_ids(base, GSM)
+    ids = data.prompt_ids(base, [GSM])[0]
     assert ids[0] == base.bos_token_id and ids.count(base.bos_token_id) == 1
     assert base.decode(ids[1:]) == data.render_prompt(base, GSM)
     chat = build_sentencepiece_tokenizer("mistral")      # the template writes <s> itself: not a second one
-    ids = data.prompt_ids(chat, GSM)
+    ids = data.prompt_ids(chat, [GSM])[0]
     assert ids[0] == chat.bos_token_id and ids.count(chat.bos_token_id) == 1
     plain = build_tokenizer(chat_template=False)         # a tokenizer that adds no BOS gets none
-    assert data.prompt_ids(plain, GSM) == plain.encode(data.render_prompt(plain, GSM), add_special_tokens=False)
+    assert data.prompt_ids(plain, [GSM])[0] == plain.encode(data.render_prompt(plain, GSM), add_special_tokens=False)
     assert not data.adds_bos(plain) and data.adds_bos(base)
 
 

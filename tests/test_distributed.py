@@ -63,6 +63,14 @@ def assert_same_run(a, b, steps=None, rel=1e-4, atol=1e-4):
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4, msg=k)
 
 
+def assert_plan_predicts_the_peaks(steps, tolerance=0.15):
+    """The memory plan's prediction of each phase is within `tolerance` of the peak RSS it measured."""
+    for r in steps:
+        for phase in ("sample", "score", "update"):
+            plan, peak = r[f"plan_gb_{phase}"], r[f"peak_gb_{phase}"]
+            assert abs(plan / peak - 1) < tolerance, (r["step"], phase, plan, peak)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_dir, toy_data):
     """One process x 4 questions, and 2 processes x 2 questions replicated and sharded (with and without
@@ -105,6 +113,7 @@ def test_training_moves_the_weights_and_logs_every_field(runs, tiny_dir, toy_dat
                 "plan_gb_score", "peak_gb_update", "plan_gb_update", "advantage_abs"):
         assert all(key in r for r in steps), key
     assert steps[-1]["lr"] == pytest.approx(3e-3 / STEPS)
+    assert_plan_predicts_the_peaks(steps)
     # the saved policy loads in plain transformers
     from transformers import AutoModelForCausalLM
     lm = AutoModelForCausalLM.from_pretrained(os.path.join(runs / "w1", "checkpoint", "model"))
@@ -327,18 +336,28 @@ def test_signals_end_the_step_cleanly(tmp_path, tiny_dir, toy_data, sig, code):
 def test_failed_write_names_the_path_and_keeps_the_last_good_copy(tmp_path, monkeypatch):
     """A full disk or a permission error mid-write: one line with the path and the size, the partial output
     removed, the last good copy kept. And a disk that is too full is refused before anything is written."""
+    import torch.distributed as dist
     import latro
     good = tmp_path / "checkpoint"
     good.mkdir()
     (good / "state.pt").write_text("good")
+    calls = []
 
-    def writer(tmp):
+    def first(tmp, write):
         os.makedirs(tmp)
         (tmp_path / "checkpoint.tmp" / "half").write_text("x")
         raise OSError(28, "No space left on device")
-    with pytest.raises(SystemExit, match=r"cannot write the checkpoint to .*checkpoint \(about 3.0 GB\): \[Errno 28\] "
-                                         r"No space left on device; the partial copy was removed"):
-        latro.write_folder(str(good), writer, 3.0, "the checkpoint")
+
+    def second(tmp, write):   # still called (it may be a collective), but told not to write
+        calls.append(write)
+    latro.setup_distributed("cpu")
+    try:
+        with pytest.raises(SystemExit, match=r"cannot write the checkpoint to .*checkpoint \(about 3.0 GB\): "
+                                             r"\[Errno 28\] No space left on device; the partial copy was removed"):
+            latro.write_folder(str(good), [first, second], 3.0, "the checkpoint", True, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert calls == [False]
     assert not (tmp_path / "checkpoint.tmp").exists() and (good / "state.pt").read_text() == "good"
     monkeypatch.setattr(latro.shutil, "disk_usage", lambda p: type("U", (), {"free": 2 * 2**30})())
     message = latro.check_disk(str(good), 5.0, "the checkpoint")

@@ -56,7 +56,7 @@ def separate_logprobs(lm, prompt, z, y):
 
 def make_rollouts(tok, lm, n_q=2, k=3, seed=0):
     ex = [data.Example("gsm8k", f"q{i}", f"What is {i} plus 4?", str(i + 4)) for i in range(n_q)]
-    prompts = [data.prompt_ids(tok, e) for e in ex]
+    prompts = data.prompt_ids(tok, ex)
     g = torch.Generator().manual_seed(seed)
     zs = [[torch.randint(3, len(tok), (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist()
            for _ in range(k)] for _ in range(n_q)]
@@ -252,7 +252,7 @@ def test_engine_on_smollm_matches_the_plain_loop(smollm_dir):
     lm = latro.load_model(smollm_dir, torch.float32, torch.device("cpu"))
     tok = latro.load_tokenizer(smollm_dir)
     ex = data.Example("gsm8k", "a", "Tom has 3 apples and buys 4 more. How many apples does he have?", "7")
-    p = data.prompt_ids(tok, ex)
+    p = data.prompt_ids(tok, [ex])[0]
     u = latro.question_uniforms(0, 0, 0, 3, 24)
     stop = latro.stop_token_ids(tok, lm)
     want = plain_generate(lm, [p] * 3, 24, tok.pad_token_id, stop, uniforms=u, tok=tok)
@@ -379,7 +379,7 @@ def test_pick_token_is_multinomial_and_greedy_below_zero():
 def test_same_seed_same_rationales_and_loss(tiny_tok):
     lm = build_tiny_model(len(tiny_tok), seed=4)
     ex = data.Example("gsm8k", "a", "What is 2 plus 2?", "4")
-    prompt = data.prompt_ids(tiny_tok, ex)
+    prompt = data.prompt_ids(tiny_tok, [ex])[0]
     engine = latro.Engine(copy_of(lm), [tiny_tok.eos_token_id])
 
     def run(seed):
@@ -401,9 +401,9 @@ def plan_for(cfg_kw, argv, world=1, mode="shard", on_gpu=True, prompt=192):
     from transformers import LlamaConfig
     shape = latro.model_shape(LlamaConfig(**cfg_kw))
     args = latro.get_args(["--model", "x", *argv])
-    args.dtype, args.grad_checkpointing = "bf16", True
+    args.dtype, args.grad_checkpointing = "bf16", on_gpu
     latro.resolve_defaults(args, "gsm8k", world, 7000, 200)
-    return shape, latro.plan_peaks(latro.memory_plan(shape, args, world, mode, on_gpu, prompt, 0.0))
+    return shape, latro.plan_peaks(latro.memory_plan(shape, args, world, mode, on_gpu, prompt, 0.5))
 
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -431,16 +431,24 @@ def test_plan_arithmetic():
 def test_auto_layout_follows_the_plan(capsys):
     from transformers import LlamaConfig
     shape = latro.model_shape(LlamaConfig(**PHI35))
-    args = latro.get_args(["--model", "x", "--gpu-memory-gb", "80", "--plan-only"])
-    args.dtype, args.grad_checkpointing = "bf16", True
-    latro.resolve_defaults(args, "gsm8k", 1, 7000, 200)
-    mode, _ = latro.choose_layout(shape, args, 1, torch.device("cpu"), 192, 0.5)
-    assert mode == "shard"                                   # on a CPU everything is host memory: no offload
-    args.gpu_memory_gb = 10
-    with pytest.raises(SystemExit, match="does not fit"):
-        args.plan_only = False
-        latro.choose_layout(shape, args, 1, torch.device("cpu"), 192, 0.5)
+
+    def layout(argv):
+        args = latro.get_args(["--model", "x", *argv])
+        args.dtype, args.grad_checkpointing = "bf16", False
+        latro.resolve_defaults(args, "gsm8k", 1, 7000, 200)
+        return args, latro.choose_layout(shape, args, 1, torch.device("cpu"), 192, 0.5)
+    assert layout(["--gpu-memory-gb", "500"])[1] == "shard"   # on a CPU everything is host memory: no offload
     assert "peak while score" in capsys.readouterr().out
+    # between the score peaks of 3 and of 1 question per micro-batch: refused, and told what would fit
+    peak = lambda m: max(h for _, h in plan_for(PHI35, ["--micro-questions", str(m)], on_gpu=False)[1].values())
+    budget = (peak(1) + peak(3)) / 2 / 0.9
+    assert peak(1) < 0.9 * budget < peak(3)
+    with pytest.raises(SystemExit, match=r"does not fit \(--parallel shard\); it would fit with --grad-checkpointing "
+                                         r"on or with --micro-questions 1 or with --questions-per-rank 2"):
+        layout(["--gpu-memory-gb", f"{budget:.3f}", "--micro-questions", "3"])
+    with pytest.raises(SystemExit, match="no single change"):
+        layout(["--gpu-memory-gb", "10"])
+    assert layout(["--gpu-memory-gb", "10", "--plan-only"])[1] == "shard"    # --plan-only prints, never refuses
 
 
 # ---------------------------------------------------------------- flags

@@ -26,3 +26,9 @@ def test_heldout_self_reward_rises(smollm_dir, shared_data, tmp_path):
     print(f"held-out log pi(y|x+z) by step: {[round(h, 2) for h in held]}; gain {gain:.2f} nats, "
           f"step-to-step std {statistics.stdev(diffs):.2f}")
     assert gain > 1.0 and gain > 3 * statistics.stdev(diffs)
+    # the memory plan (computed before any weights loaded) predicts each phase's peak RSS of a real model
+    from test_distributed import assert_plan_predicts_the_peaks
+    steps = [r for r in rows if "reward" in r]
+    print("plan / measured GB:", [(r["step"], *[f"{r['plan_gb_' + ph]:.2f}/{r['peak_gb_' + ph]:.2f}"
+                                                for ph in ("sample", "score", "update")]) for r in steps])
+    assert_plan_predicts_the_peaks(steps)

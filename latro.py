@@ -160,14 +160,15 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from OUT/checkpoint (flags must match the saved run)")
     a("--stop-after", type=COUNT, default=0, help="exit after this step as if interrupted (tests, job limits)")
     # systems
-    a("--parallel", choices=["auto", "replicate", "shard", "offload"], default="auto", help="FSDP2 layout: "
-      "replicate (every GPU holds everything), shard (over the GPUs), offload (sharded, with fp32 master weights, "
-      "gradients and AdamW on the host); auto picks the first that the memory plan fits")
+    a("--parallel", choices=["auto", "replicate", "shard", "offload", "ddp", "fsdp"], default="auto", help="FSDP2 "
+      "layout: replicate (every GPU holds everything), shard (over the GPUs), offload (sharded, with fp32 master "
+      "weights, gradients and AdamW on the host); auto picks the first that the memory plan fits. ddp and fsdp "
+      "are older names of replicate and shard")
     a("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="compute dtype: bf16 on GPU, fp32 on CPU")
     a("--grad-checkpointing", choices=["auto", "on", "off"], default="auto", help="recompute activations in "
       "backward; auto = on for GPUs")
-    a("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the sampler's decode step; "
-      "auto = on for GPUs")
+    a("--compile", choices=["auto", "on", "off"], default="auto", nargs="?", const="on", help="torch.compile the "
+      "sampler's decode step; auto = on for GPUs; --compile alone = on")
     a("--cuda-graphs", choices=["auto", "on", "off"], default="auto", help="replay the decode step as a CUDA "
       "graph; auto = on for GPUs")
     a("--prompt-bucket", type=POSITIVE, default=64, help="prompt lengths are padded to a multiple of this, so a few "
@@ -178,7 +179,9 @@ def get_args(argv=None):
       "(Inductor fuses the mask into it, as gpt-fast does) or auto (SDPA picks a fused kernel)")
     a("--logprob-chunk", type=POSITIVE, default=1024, help="positions per chunk of the log-softmax over the vocab")
     a("--gpu-memory-gb", type=RATE, default=None, help="plan against this much memory per GPU (default: what the "
-      "device has; on a CPU, the host's memory)")
+      "device has); with --plan-only, plan for such GPUs on any machine; on a CPU run, the memory it may use")
+    a("--host-memory-gb", type=RATE, default=None, help="plan against this much host memory (default: this "
+      "machine's)")
     a("--plan-only", action="store_true", help="print the memory plan and exit without loading any weights")
     a("--device", default=None, help="override the device (cpu, cuda:0); default: cuda:LOCAL_RANK if present")
     return p.parse_args(argv)
@@ -188,6 +191,7 @@ def resolve_defaults(args, task: str, world: int, n_train: int, n_val: int):
     """Fill the task-dependent defaults and check the batch geometry against the data."""
     if args.k < 2:
         raise SystemExit(f"--k {args.k}: the leave-one-out baseline needs at least 2 rationales per question")
+    args.parallel = {"ddp": "replicate", "fsdp": "shard"}.get(args.parallel, args.parallel)
     if args.global_questions is None:
         args.global_questions = args.questions_per_rank * world
     elif args.global_questions % world:
@@ -293,8 +297,9 @@ def model_shape(cfg) -> dict:
 
 
 def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int, runtime_gb: float,
-                tokens: int = None, adam_state: bool = True) -> list:
-    """Rows (item, GB per GPU, GB of host memory per process, phases it is live in) for one layout. Phases:
+                tokens: int = None, adam_state: bool = True, local: int = 1) -> list:
+    """Rows (item, GB per GPU, GB of host memory, phases it is live in) for one layout; the host column counts
+    `local` processes (those of one machine), of which only rank 0 gathers a checkpoint. Phases:
     sample (the replica decodes), score (forward + backward of micro-batches), update (AdamW, then the replica
     refresh), save (a checkpoint: rank 0 gathers full tensors in host memory). fp32 master weights, gradients
     and AdamW m, v: 16 bytes per parameter, divided over the ranks unless replicated, on the host when
@@ -322,11 +327,12 @@ def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int
               "score update"),
              ("activations of one micro-batch", act, "gpu", "score"),
              ("log-prob chunk (fp32 logits + grad)", a.logprob_chunk * V * 12, "gpu", "score"),
-             ("checkpoint: full AdamW state on rank 0", 8 * N, "host", "save"),
+             ("checkpoint: full AdamW state on rank 0", 8 * N / local, "host", "save"),
              ("runtime (Python, torch, data; measured)", runtime_gb * G, "host", "all")]
     out = []
     for item, nbytes, where, phases in items:
         where = where if on_gpu else "host"
+        nbytes *= local if where == "host" else 1
         out.append((item, nbytes / G if where == "gpu" else 0.0, nbytes / G if where == "host" else 0.0,
                     PHASES if phases == "all" else tuple(phases.split())))
     return out
@@ -336,15 +342,15 @@ PHASES = ("sample", "score", "update", "save")
 
 
 def plan_peaks(rows: list) -> dict:
-    """{phase: (GB per GPU, GB of host memory per process)} of a plan."""
+    """{phase: (GB per GPU, GB of host memory)} of a plan."""
     return {ph: (sum(r[1] for r in rows if ph in r[3]), sum(r[2] for r in rows if ph in r[3])) for ph in PHASES}
 
 
-def format_plan(rows: list, mode: str, gpu_gb: float, host_gb: float, on_gpu: bool, local: int) -> str:
-    """The plan as one table: per GPU and per host (all of this machine's processes), or on a CPU per process."""
-    cols = (lambda g, h: f"{g:9.2f} {h * local:9.2f}") if on_gpu else (lambda g, h: f"{h:9.2f}")
+def format_plan(rows: list, title: str, gpu_gb: float, host_gb: float, on_gpu: bool, local: int) -> str:
+    """The plan as one table: per GPU and per host (all of this machine's processes); on a CPU, host memory."""
+    cols = (lambda g, h: f"{g:9.2f} {h:9.2f}") if on_gpu else (lambda g, h: f"{h:9.2f}")
     head = f"{'per GPU':>9s} {'per host':>9s}" if on_gpu else f"{'GB':>9s}"
-    lines = [f"memory plan, --parallel {mode}" + ("" if on_gpu else " (a CPU run: all host memory)"),
+    lines = [title + ("" if on_gpu else " (a CPU run: all host memory)"),
              f"  {'item':44s} {head}  live in"]
     lines += [f"  {item:44s} {cols(g, h)}  {', '.join(ph)}" for item, g, h, ph in rows]
     lines += [f"  {'peak while ' + ph:44s} {cols(g, h)}" for ph, (g, h) in plan_peaks(rows).items()]
@@ -365,18 +371,22 @@ def host_memory_gb() -> float:
 def choose_layout(shape, args, world, device, prompt_len, runtime_gb):
     """--parallel auto: the first layout whose plan fits (replicate, shard, offload); print its plan. Refuse
     before any weights load when none fits, with the table and the single changes that would make it fit."""
-    on_gpu, local = device.type == "cuda", int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    on_gpu = device.type == "cuda" or bool(args.plan_only and args.gpu_memory_gb)   # planning for GPUs elsewhere
     gpu_gb = args.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if on_gpu else 0)
-    host_gb = args.gpu_memory_gb if not on_gpu and args.gpu_memory_gb else host_memory_gb()
+    host_gb = args.host_memory_gb or (args.gpu_memory_gb if not on_gpu and args.gpu_memory_gb else host_memory_gb())
+
+    plan = lambda a, mode: memory_plan(shape, a, world, mode, on_gpu, prompt_len, runtime_gb, local=local)
 
     def fits(a, mode):  # 90%: room for the allocator's fragmentation and the CUDA context
-        peaks = plan_peaks(memory_plan(shape, a, world, mode, on_gpu, prompt_len, runtime_gb)).values()
-        return max(g for g, _ in peaks) <= 0.9 * gpu_gb * on_gpu and max(h for _, h in peaks) * local <= 0.9 * host_gb
+        peaks = plan_peaks(plan(a, mode)).values()
+        return max(g for g, _ in peaks) <= 0.9 * gpu_gb * on_gpu and max(h for _, h in peaks) <= 0.9 * host_gb
     modes = [args.parallel] if args.parallel != "auto" else (["shard"] if world == 1 else ["replicate", "shard"]) + \
         (["offload"] if on_gpu else [])
     mode = next((m for m in modes if fits(args, m)), modes[-1])
-    print0(format_plan(memory_plan(shape, args, world, mode, on_gpu, prompt_len, runtime_gb), mode, gpu_gb,
-                       host_gb, on_gpu, local))
+    title = (f"memory plan: {shape['n'] / 1e9:.2f} B parameters, {args.questions_per_rank * args.k} rows x "
+             f"({prompt_len} prompt + {args.max_new_tokens} tokens), --parallel {mode}")
+    print0(format_plan(plan(args, mode), title, gpu_gb, host_gb, on_gpu, local))
     if fits(args, mode) or args.plan_only:
         return mode
     tries = [("--parallel offload", "offload", {})] if on_gpu and mode != "offload" else []
@@ -482,8 +492,12 @@ class Engine:
         self.lm, self.stop, self.graphs = lm, set(stop_ids), graphs
         # decode attention: "math" lets Inductor write the one-query attention itself and fuse the mask into it
         # (gpt-fast's choice); "auto" leaves SDPA to pick a fused kernel
-        self.backends = [SDPBackend.MATH] if attention == "math" else list(SDPBackend)
-        self.prompt_bucket, self.row_bucket, self.check_every = prompt_bucket, row_bucket, check_every
+        self.backends = [SDPBackend.MATH] if attention == "math" else [
+            SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+        # buckets keep the number of compiled / captured shapes small; an eager step runs any shape as it is
+        exact = not (compile or graphs)
+        self.prompt_bucket, self.row_bucket = (1, 1) if exact else (prompt_bucket, row_bucket)
+        self.check_every = check_every
         cfg, p = lm.config, next(lm.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -514,6 +528,8 @@ class Engine:
         """The decode state of one shape: persistent tensors a captured graph reads and writes."""
         key = (B, P, L)
         if key not in self.states:
+            if len(self.states) >= 64 and not self.graphs:   # exact shapes: keep a bounded number of states
+                self.states.clear()
             S, dev = P + L, self.device
             self.reserve(B, S)
             self.states[key] = SimpleNamespace(
@@ -1110,7 +1126,8 @@ def train_step(run, step: int) -> dict:
     planned = {ph: g if dev.type == "cuda" else h for ph, (g, h) in plan.items()}
     rec = {"step": step + 1, **{k: tot[k] / n_rows for k in keys}, "grad_norm": norm, "lr": opt.param_groups[0]["lr"],
            "t_sample": times[1] - times[0], "t_score": times[2] - times[1], "t_update": times[3] - times[2],
-           "sample_tokens_per_s": tot["z_len"] / (times[1] - times[0]) / run.world, "train_state_gb": state_gb}
+           "sample_tokens_per_s": tot["z_len"] / (times[1] - times[0]) / run.world, "train_state_gb": state_gb,
+           "decode_shapes": len(run.engine.states)}   # (rows, prompt bucket, L) shapes so far: one graph each
     for ph in ("sample", "score", "update"):   # measured peak of each phase next to the plan's prediction
         rec[f"peak_gb_{ph}"], rec[f"plan_gb_{ph}"] = peaks[ph], planned[ph]
     if not finite:
@@ -1165,12 +1182,13 @@ def setup(args):
     master = rank == 0
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    dtype = pick_dtype(args.dtype, device)
+    gpu = device.type == "cuda" or bool(args.plan_only and args.gpu_memory_gb)   # or planning for GPUs
+    dtype = pick_dtype(args.dtype, torch.device("cuda" if gpu else "cpu"))
     args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"    # resolved, so that a resume can check it
-    auto = lambda flag: flag == "on" or (flag == "auto" and device.type == "cuda")
+    auto = lambda flag: flag == "on" or (flag == "auto" and gpu)
     args.grad_checkpointing, args.compile, args.cuda_graphs = map(auto, (args.grad_checkpointing, args.compile,
                                                                           args.cuda_graphs))
-    if args.cuda_graphs and device.type != "cuda":
+    if args.cuda_graphs and device.type != "cuda" and not args.plan_only:
         raise SystemExit("--cuda-graphs on needs a GPU")
     model_path(args.model)  # fail on a wrong path before any work
     train, val, args = load_data(args, world)
@@ -1194,17 +1212,17 @@ def setup(args):
                     "cpu" if args.parallel == "offload" else device)
     if args.grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = wrap(Scorer(lm, args.logprob_chunk), args.parallel, device, dtype, world)   # sharded before the rest
+    with torch.no_grad():  # FSDP2 picks its root on the first forward: make it go through the root
+        one = torch.ones(1, 2, dtype=torch.long, device=device)
+        model(one, one, one.bool())
+    model.reshard()        # the root keeps its parameters whole after a forward: AdamW must get the shards
     ref_lm = load_model(args.model, dtype, device).requires_grad_(False)
     replica = make_replica(ref_lm)
     engine = Engine(replica, stop_token_ids(tok, lm), compile=args.compile, graphs=args.cuda_graphs,
                     prompt_bucket=args.prompt_bucket, row_bucket=args.row_bucket, check_every=args.stop_check_every,
                     attention=args.decode_attention)
     engine.reserve(args.questions_per_rank * args.k, prompt_len + max(args.max_new_tokens, args.eval_max_new_tokens))
-    model = wrap(Scorer(lm, args.logprob_chunk), args.parallel, device, dtype, world)
-    with torch.no_grad():  # FSDP2 picks its root on the first forward: make it go through the root
-        one = torch.ones(1, 2, dtype=torch.long, device=device)
-        model(one, one, one.bool())
-    model.reshard()        # the root keeps its parameters whole after a forward: AdamW must get the shards
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     run = SimpleNamespace(args=args, rank=rank, world=world, device=device, master=master, tok=tok, train=train,
                           val=val, model=model, ref=Scorer(ref_lm, args.logprob_chunk), replica=replica,
@@ -1214,8 +1232,9 @@ def setup(args):
                           metrics=os.path.join(args.out, "metrics.jsonl"))
     # held-out self-reward: rationales sampled once from the initial model (the replica still equals pi_0, also
     # after a resume) for a few validation questions; their log pi(y|x+z) is tracked at every evaluation
-    held = val[:args.heldout_questions]
-    rolls = rollout(engine, tok, held, range(len(held)), -1, args) if held else []
+    held, q = val[:args.heldout_questions], args.questions_per_rank
+    rolls = [r for i in range(0, len(held), q)   # as many rows at once as a training rollout: the same KV buffer
+             for r in rollout(engine, tok, held[i:i + q], range(i, min(i + q, len(held))), -1, args)]
     run.heldout = [build_batch(p, zs, [answer_ids(tok, e, z, run.eot) for z in zs], tok.pad_token_id)
                    for e, (p, zs, _) in zip(held, rolls)]
     if resume:

@@ -241,7 +241,7 @@ def main(argv=None):
         for name, r in rules.items():
             print(f"{task} {name:>18}: {r['correct']}/{r['n']} ({100 * r['accuracy']:.1f}%)  unparseable "
                   f"{r['unparseable']}")
-    dist.destroy_process_group()
+    latro.close_distributed()
     return rows
 
 

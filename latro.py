@@ -761,7 +761,8 @@ def setup_distributed(device_flag=None):
     one device per process. Without torchrun, a process group of one (FSDP2 needs a group even alone).
     Returns (rank, world, device)."""
     use_cuda = str(device_flag).startswith("cuda") or (device_flag is None and torch.cuda.is_available())
-    backend = "nccl" if use_cuda else "gloo"
+    # gloo beside nccl: with --parallel offload some collectives (the gradient norm) see host tensors
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:
             dist.init_process_group(backend)
@@ -773,6 +774,12 @@ def setup_distributed(device_flag=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def close_distributed():
+    """All ranks leave together: a rank that tears its group down while another still works can abort (gloo)."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def pick_dtype(flag: str, device) -> torch.dtype:
@@ -1312,7 +1319,7 @@ def main(argv=None):
     signals = StopSignals()
     run = setup(args)
     if run is None:                                                  # --plan-only
-        return dist.destroy_process_group()
+        return close_distributed()
     a, last, bad, why = run.args, {}, 0, "done"
     if a.eval_every and run.val and run.start == 0:
         evaluate_and_keep_best(run, 0)
@@ -1337,7 +1344,7 @@ def main(argv=None):
             break
     bar.close()
     summary(run, done, last, why)
-    dist.destroy_process_group()
+    close_distributed()
     if signals.received:          # the conventional status of a process ended by a signal: 130 / 143
         raise SystemExit(128 + signals.received)
 

@@ -147,12 +147,16 @@ def test_bf16_kl_is_zero_at_step_0_and_one_process_equals_two(tmp_path, tiny_dir
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["replicate", "shard"])
 def test_three_processes_and_uneven_validation(tmp_path, tiny_dir, toy_data, mode):
-    """3 ranks, 2 held-out questions and 4 validation questions: no rank waits for another at validation."""
-    p = launch(tmp_path / "three", tiny_dir, toy_data, 3, ["--global-questions", "3", "--parallel", mode,
-                                                             "--steps", "2"], timeout=240)
+    """3 ranks, 2 held-out questions and 4 validation questions: no rank waits for another at validation, and
+    the run is the one a single process makes with the same global batch."""
+    extra = ["--global-questions", "3", "--steps", "2"]
+    launch(tmp_path / "three", tiny_dir, toy_data, 3, extra + ["--parallel", mode], timeout=240)
+    launch(tmp_path / "one", tiny_dir, toy_data, 1, extra)
     vals = metrics(tmp_path / "three")[1]
     assert [v["step"] for v in vals] == [0, 2] and all(v["val_n"] == 4 for v in vals)
-    assert "heldout_logp_y" in vals[0]
+    for a, b in zip(vals, metrics(tmp_path / "one")[1], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert_same_run(tmp_path / "one", tmp_path / "three")
 
 
 def free_port():

@@ -213,6 +213,10 @@ def resolve_defaults(args, task: str, world: int, n_train: int, n_val: int):
     return args
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def print0(*a, **kw):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **kw, flush=True)
@@ -315,8 +319,8 @@ def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int
     micro_tokens = tokens or a.micro_questions * a.k * (prompt_len + a.max_new_tokens + 24)   # + y
     layer_act = (10 * H + 4 * I) * cb + 2 * H * 4           # saved per token per layer, incl. fp32 norm inputs
     act = micro_tokens * (s["layers"] * H * cb + layer_act if a.grad_checkpointing else s["layers"] * layer_act)
-    items = [("fp32 master weights", 4 * N / shards, state_on, "sample score update save"),
-             ("AdamW m and v (fp32)", 8 * N / shards, state_on, "sample score update save" if adam_state else "update"),
+    items = [("fp32 master weights", 4 * N / shards, state_on, "all"),
+             ("AdamW m and v (fp32)", 8 * N / shards, state_on, "all" if adam_state else "update"),
              ("gradients (fp32)", 4 * N / shards, state_on, "score update"),
              ("reference pi_0 (frozen)", cb * N, "gpu", "all"),
              ("sampler replica", cb * N, "gpu", "all"),
@@ -518,8 +522,7 @@ class Engine:
 
     def reserve(self, rows: int, length: int):
         """Allocate the KV buffer for `rows` x `length` tokens up front (it grows on demand otherwise)."""
-        rows = -(-rows // self.row_bucket) * self.row_bucket
-        need = rows * self.kv_heads * length * self.head_dim
+        need = round_up(rows, self.row_bucket) * self.kv_heads * length * self.head_dim
         if self.buf is None or self.buf.shape[-1] < need:
             self.buf, self.states = None, {}           # every view and graph of the old buffer goes with it
             self.buf = torch.zeros(self.layers, 2, need, dtype=self.dtype, device=self.device)
@@ -578,8 +581,8 @@ class Engine:
         row's stop are discarded, so the result does not depend on how often stops are checked. Returns
         (generated id lists without the stop token or template, finished flags)."""
         B0, dev = len(prompts), self.device
-        B = -(-B0 // self.row_bucket) * self.row_bucket          # padded rows copy row 0 and are dropped
-        P = -(-max(len(p) for p in prompts) // self.prompt_bucket) * self.prompt_bucket
+        B = round_up(B0, self.row_bucket)                        # padded rows copy row 0 and are dropped
+        P = round_up(max(len(p) for p in prompts), self.prompt_bucket)
         S = P + max_new
         if S > self.max_len or (self.window and S > self.window):
             raise SystemExit(f"prompt + --max-new-tokens = {S} tokens exceeds what the sampler supports for this "
@@ -810,7 +813,7 @@ def all_sum(values: list, device) -> list:
     return t.tolist()
 
 
-def rank0_verdict(message, device):
+def rank0_verdict(message):
     """Raise on EVERY rank the error that rank 0 found (None: no error), so that no rank waits forever."""
     box = [message]
     dist.broadcast_object_list(box, src=0)
@@ -891,7 +894,7 @@ def check_disk(path: str, need_gb: float, what: str):
     return None
 
 
-def write_folder(path: str, parts: list, need_gb: float, what: str, master: bool, device):
+def write_folder(path: str, parts: list, need_gb: float, what: str, master: bool):
     """Write folder `path` as `path.tmp`, then swap it into place. Each part is a function (tmp, write) called on
     EVERY rank, since it may gather full tensors (a collective), and writing on rank 0. The parts run one after
     the other, so only one of them is gathered in host memory at a time. A failed write (disk full, permission)
@@ -910,7 +913,7 @@ def write_folder(path: str, parts: list, need_gb: float, what: str, master: bool
                               f"; the partial copy was removed and the last good one is kept")
     if master and error:
         shutil.rmtree(tmp, ignore_errors=True)
-    rank0_verdict(error, device)
+    rank0_verdict(error)
     if master:
         swap_into_place(tmp, path)
     dist.barrier()  # no rank runs ahead (and possibly crashes) before the folder is in place
@@ -939,9 +942,9 @@ def save_model_part(model, tok, subdir: str = ""):
 
 def check_before_saving(path: str, model, need_gb: float, what: str, master: bool, device):
     """Never write from non-finite weights, nor start a write the disk has no room for."""
-    if not weights_finite(model, device):
-        rank0_verdict(f"not writing {path}: the weights are not finite; the last good copy is kept", device)
-    rank0_verdict(check_disk(path, need_gb, what) if master else None, device)
+    if not weights_finite(model, device):   # a collective: every rank has the same answer
+        raise SystemExit(f"not writing {path}: the weights are not finite; the last good copy is kept")
+    rank0_verdict(check_disk(path, need_gb, what) if master else None)
 
 
 def save_checkpoint(path: str, model, opt, tok, state: dict, master: bool, device):
@@ -958,7 +961,7 @@ def save_checkpoint(path: str, model, opt, tok, state: dict, master: bool, devic
                        os.path.join(tmp, "state.pt"))
             with open(os.path.join(tmp, "resume.json"), "w") as f:   # read before any weights load
                 json.dump(state, f, indent=1)
-    write_folder(path, [save_model_part(model, tok, "model"), optimizer_part], need, "the checkpoint", master, device)
+    write_folder(path, [save_model_part(model, tok, "model"), optimizer_part], need, "the checkpoint", master)
 
 
 def save_best(model, tok, path: str, master: bool, record: dict, n_params: int, device):
@@ -970,7 +973,7 @@ def save_best(model, tok, path: str, master: bool, record: dict, n_params: int, 
         if write:
             with open(os.path.join(tmp, "best.json"), "w") as f:
                 json.dump(record, f)
-    write_folder(path, [save_model_part(model, tok), record_part], need, "the best model", master, device)
+    write_folder(path, [save_model_part(model, tok), record_part], need, "the best model", master)
 
 
 def find_checkpoint(out: str) -> str:
@@ -989,14 +992,14 @@ def check_resume_config(saved: dict, args):
         raise SystemExit("--resume: the checkpoint was written by a different run:\n  " + "\n  ".join(bad))
 
 
-def claim_run_folder(args, master: bool, device):
+def claim_run_folder(args, master: bool):
     """A run folder belongs to one run: refuse one that holds a run unless --resume or --overwrite."""
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))] if master else []
     message = None
     if found and not args.resume and not args.overwrite:
         message = (f"--out {args.out!r} already holds a run ({', '.join(found)}): pass --resume to continue it, "
                    f"--overwrite to delete it and start again, or another --out")
-    rank0_verdict(message, device)
+    rank0_verdict(message)
     if found and args.overwrite and not args.resume and master:
         print0(f"--overwrite: deleting {', '.join(os.path.join(args.out, f) for f in found)}")
         for f in found:
@@ -1200,14 +1203,13 @@ def setup(args):
     model_path(args.model)  # fail on a wrong path before any work
     train, val, args = load_data(args, world)
     tok = load_tokenizer(args.model)
-    longest = max(len(p) for p in data.prompt_ids(tok, train + val))
-    prompt_len = -(-longest // args.prompt_bucket) * args.prompt_bucket
+    prompt_len = round_up(max(len(p) for p in data.prompt_ids(tok, train + val)), args.prompt_bucket)
     shape = model_shape(load_config(args.model))
     runtime_gb = rss_gb()                          # Python, torch, tokenizer and data: measured, not guessed
     args.parallel = choose_layout(shape, args, world, device, prompt_len, runtime_gb)
     if args.plan_only:
         return None
-    claim_run_folder(args, master, device)
+    claim_run_folder(args, master)
     ckpt = find_checkpoint(args.out) if args.resume else None
     resume = json.load(open(os.path.join(ckpt, "resume.json"))) if ckpt else None
     if resume:

@@ -358,7 +358,7 @@ def test_failed_write_names_the_path_and_keeps_the_last_good_copy(tmp_path, monk
     try:
         with pytest.raises(SystemExit, match=r"cannot write the checkpoint to .*checkpoint \(about 3.0 GB\): "
                                              r"\[Errno 28\] No space left on device; the partial copy was removed"):
-            latro.write_folder(str(good), [first, second], 3.0, "the checkpoint", True, torch.device("cpu"))
+            latro.write_folder(str(good), [first, second], 3.0, "the checkpoint", True)
     finally:
         dist.destroy_process_group()
     assert calls == [False]

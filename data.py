@@ -1,12 +1,15 @@
 """
-data.py: GSM8K and ARC-Challenge for LaTRO training and evaluation.
+data.py: GSM8K, ARC-Challenge and a generated arithmetic task for LaTRO training and evaluation.
 
 What it does: loads either dataset from the Hugging Face hub (`openai/gsm8k` config `main`,
 `allenai/ai2_arc` config `ARC-Challenge`) or from local JSONL / JSON / parquet files with the hub's field
-names; checks every row at load time (a bad row is a one-line `DataError` naming the file, the line and the
+names, or generates `arith[:SEED]` (short arithmetic word problems in GSM8K's format, splits that never share a
+problem); checks every row at load time (a bad row is a one-line `DataError` naming the file, the line and the
 field); turns every row into an `Example`; renders the zero-shot prompt x exactly as the official code does
 and turns it into token ids in ONE place (`prompt_ids`, used by training, validation and eval.py); builds the
 gold answer y = "The answer is {gold}." + the end-of-turn token; and parses model outputs.
+How to read it: loading (files, the hub, the generator, one check per row), then prompts and y, then the
+GSM8K parse rules, then the ARC rules; each rule is a function of the output text alone.
 
 Prompts (LaTRO paper, Chen et al. 2024, arXiv 2411.04282, Sec. 5, as the official code writes them):
     GSM8K  chat template: user "{question} Let's think step by step."
@@ -56,10 +59,8 @@ COT = "Let's think step by step."
 ARC_INSTRUCTION = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")   # the official number finder (GSM8K gold and answers)
 
-
 class DataError(ValueError):
     """Bad dataset input; the message names the file, the line or row, and the field."""
-
 
 @dataclass
 class Example:
@@ -71,7 +72,7 @@ class Example:
     options: list = field(default_factory=list)   # ARC option texts, in label order
     labels: list = field(default_factory=list)    # ARC option labels ("A".."E")
     gold_index: int = -1                          # ARC index of the gold option
-
+    where: str = ""                               # file and line (or hub row), for messages
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading: rows with where they came from, then one check per row
@@ -92,7 +93,6 @@ def _local_files(path: str, split: str):
         raise DataError(f"no {split} file ({'/'.join(LOCAL_SUFFIXES)}) in folder {path!r}; it has: {names}")
     return files
 
-
 def _read_json_lines(path: str, text: str):
     """(where, row) per non-blank line; a line that is not a JSON object names its line number."""
     for n, line in enumerate(text.splitlines(), 1):
@@ -105,7 +105,6 @@ def _read_json_lines(path: str, text: str):
         if not isinstance(row, dict):
             raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
         yield f"{path} line {n}", row
-
 
 def _read_file(path: str):
     """(where, row) pairs of one local file: JSON lines, a JSON array, or parquet."""
@@ -132,9 +131,11 @@ def _read_file(path: str):
         return [(f"{path} item {i}", r) for i, r in enumerate(rows)]
     return list(_read_json_lines(path, text))
 
-
 def _raw_rows(name_or_path: str, split: str) -> list:
     """[(where, row dict)]: local files read here (so errors name the line), hub datasets via `datasets`."""
+    m = re.fullmatch(r"arith(?::(\d+))?", name_or_path)
+    if m:   # the generated task: "arith" (generator seed 0) or "arith:SEED"
+        return arith_rows(int(m.group(1) or 0), split)
     files = _local_files(name_or_path, split)
     if files is not None:
         rows = [r for path in files for r in _read_file(path)]
@@ -154,6 +155,51 @@ def _raw_rows(name_or_path: str, split: str) -> list:
                         f"pass a local file or folder instead") from e
     return [(f"{hub}:{config}:{split} row {i}", r) for i, r in enumerate(ds)]
 
+# ----------------------------------------------------------------------------------------------------------
+# A generated task: arithmetic word problems in GSM8K's format, easy enough that a 135M model can improve
+
+ARITH_SIZES = {"train": 4000, "validation": 500, "test": 1000}
+ARITH_NAMES = ["Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Jack", "Emma", "Leo", "Zoe"]
+ARITH_ITEMS = ["apple", "book", "coin", "stamp", "marble", "cookie", "pencil", "card"]
+ARITH_ONE_STEP = 0.7   # the share of 1-step problems: SmolLM2-135M gets ~17% of these and ~3% of 2-step ones
+
+def _arith_expressions(steps: int) -> list:
+    """Every problem of `steps` steps: a start in 2..9, then "+ y" (y in 1..9) or "- y" (leaving at least 1)."""
+    done, value = [[(x,)] for x in range(2, 10)], lambda e: e[0][0] + sum(y if o == "+" else -y for o, y in e[1:])
+    for _ in range(steps):
+        done = [e + [op] for e in done for op in [("+", y) for y in range(1, 10)] + [("-", y) for y in range(1, value(e))]]
+    return done
+
+def arith_rows(seed: int, split: str) -> list:
+    """ARITH_SIZES[split] GSM8K-shaped rows {question, answer} of 1 or 2 steps, from generator seed `seed`. The
+    splits never share a problem: every expression (start, operations, numbers) belongs to ONE split, drawn with
+    the seed (70% train, 10% validation, 20% test of each step count); only the names and items vary within a
+    split, and no question text repeats."""
+    if split not in ARITH_SIZES:
+        raise DataError(f"the arith generator has no split {split!r} (it has {', '.join(ARITH_SIZES)})")
+    pools = {}
+    for steps in (1, 2):
+        exprs = _arith_expressions(steps)
+        random.Random(f"arith-{seed}-{steps}").shuffle(exprs)
+        n_test, n_val = round(0.2 * len(exprs)), round(0.1 * len(exprs))
+        pools[steps] = {"test": exprs[:n_test], "validation": exprs[n_test:n_test + n_val],
+                        "train": exprs[n_test + n_val:]}[split]
+    rng, rows, seen = random.Random(f"arith-{seed}-{split}"), [], set()
+    while len(rows) < ARITH_SIZES[split]:
+        steps = 1 if rng.random() < ARITH_ONE_STEP else 2
+        expr, name, item = rng.choice(pools[steps]), rng.choice(ARITH_NAMES), rng.choice(ARITH_ITEMS)
+        things = lambda n: f"{n} {item}" + "s" * (n != 1)
+        text, work, x = [f"{name} has {things(expr[0][0])}."], [], expr[0][0]
+        for op, y in expr[1:]:
+            text.append(f"{name} gets {y} more {item}{'s' * (y != 1)}." if op == "+" else f"{name} gives away {things(y)}.")
+            work.append(f"{x} {op} {y} = {x + y if op == '+' else x - y}")
+            x = x + y if op == "+" else x - y
+        question = " ".join(text) + f" How many {item}s does {name} have now?"
+        if question not in seen:
+            seen.add(question)
+            rows.append((f"arith:{seed} {split} row {len(rows)}", {"question": question,
+                                                                    "answer": "\n".join(work) + f"\n#### {x}"}))
+    return rows
 
 def infer_task(name_or_path: str, where: str, first_row: dict) -> str:
     """The task of a dataset: from its name when known, else from the fields of its first row."""
@@ -167,13 +213,11 @@ def infer_task(name_or_path: str, where: str, first_row: dict) -> str:
     raise DataError(f"{where}: cannot tell GSM8K (question, answer) from ARC (question, choices, answerKey) by "
                     f"its fields {sorted(first_row)}")
 
-
 def _text_field(row: dict, name: str, where: str) -> str:
     value = row.get(name)
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: field {name!r} must be a non-empty string, got {value!r:.60}")
     return value
-
 
 def _gsm8k_example(row: dict, where: str, ident: str) -> Example:
     question, answer = _text_field(row, "question", where), _text_field(row, "answer", where)
@@ -183,8 +227,7 @@ def _gsm8k_example(row: dict, where: str, ident: str) -> Example:
     gold = answer.split("####")[-1].strip()
     if not NUMBER.fullmatch(gold):
         raise DataError(f"{where}: field 'answer' ends in '#### {gold}', which is not a number")
-    return Example("gsm8k", ident, question, gold.replace(",", ""))
-
+    return Example("gsm8k", ident, question, gold.replace(",", ""), where=where)
 
 def _arc_example(row: dict, where: str, ident: str) -> Example:
     question = _text_field(row, "question", where)
@@ -206,8 +249,7 @@ def _arc_example(row: dict, where: str, ident: str) -> Example:
     j = labels.index(key)
     # y is built from the option TEXT (the paper's "The answer is {text of the correct option}.")
     return Example("arc_challenge", str(row.get("id", ident)), question, texts[j].strip(),
-                   [t.strip() for t in texts], labels, j)
-
+                   [t.strip() for t in texts], labels, j, where)
 
 def load_split(name_or_path: str, split: str = "train") -> list:
     """All rows of one split as `Example`s. `name_or_path`: gsm8k | arc_challenge | a hub id | a local path.
@@ -217,7 +259,6 @@ def load_split(name_or_path: str, split: str = "train") -> list:
     make = _gsm8k_example if task == "gsm8k" else _arc_example
     return [make(row, where, f"{split}-{i}") for i, (where, row) in enumerate(rows)]
 
-
 def split_validation(examples: list, n_val: int, seed: int = 0):
     """(train, val): a fixed random `n_val` rows of train held out for checkpoint selection."""
     if not 0 <= n_val < len(examples):
@@ -226,7 +267,6 @@ def split_validation(examples: list, n_val: int, seed: int = 0):
     random.Random(seed).shuffle(order)  # a private Random: the global RNG state is left alone
     val = set(order[:n_val])
     return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Prompts and gold answers
@@ -239,7 +279,6 @@ def user_message(ex: Example, chat: bool = True) -> str:
     head = f"Question: {ex.question}\nOptions: {ex.options}\n"
     return head + ARC_INSTRUCTION if chat else head + f"Answer: {COT}"
 
-
 def render_prompt(tokenizer, ex: Example) -> str:
     """The prompt x as text: one user turn + the assistant header of the chat template, or the plain form."""
     if getattr(tokenizer, "chat_template", None):
@@ -247,12 +286,10 @@ def render_prompt(tokenizer, ex: Example) -> str:
                                              add_generation_prompt=True)
     return user_message(ex, chat=False)
 
-
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts its BOS in front of what it encodes (Llama-3, Mistral: yes; GPT-2 style: no)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
-
 
 def prompt_ids(tokenizer, examples: list) -> list:
     """The ONE place examples become prompt token ids (training, validation, held-out rollouts, eval.py): one id
@@ -263,7 +300,6 @@ def prompt_ids(tokenizer, examples: list) -> list:
     if not getattr(tokenizer, "chat_template", None) and adds_bos(tokenizer):
         ids = [[tokenizer.bos_token_id] + i for i in ids]
     return ids
-
 
 def end_of_turn(tokenizer) -> str:
     """The token that ends an assistant turn: the first token the chat template writes after an assistant
@@ -285,18 +321,15 @@ def end_of_turn(tokenizer) -> str:
         raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no end-of-turn or eos token to end y with")
     return tokenizer.eos_token
 
-
 def answer_text(ex: Example) -> str:
     """y without the end-of-turn token: "The answer is {gold}." (a space before it comes from the caller)."""
     return f"{ANSWER_PREFIX} {ex.gold}."
-
 
 # ----------------------------------------------------------------------------------------------------------
 # GSM8K parsing
 
 STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+).")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-
 
 def extract_gsm8k(text: str):
     """The official rule, exactly: if "The answer is" (case-sensitive) occurs, the FIRST number after its LAST
@@ -308,7 +341,6 @@ def extract_gsm8k(text: str):
     nums = NUMBER.findall(text)
     return nums[-1].replace(",", "") if nums else None
 
-
 def gsm8k_official_equal(pred, gold: str) -> bool:
     """The official comparison: the gold goes through the same number finder; float equality, falling back to
     string equality when either side is not a float."""
@@ -318,23 +350,19 @@ def gsm8k_official_equal(pred, gold: str) -> bool:
     except ValueError:
         return gold == (extract_gsm8k(pred or "") or "")
 
-
 def _clean_number(s: str) -> str:
     """lm-eval's ignore list for GSM8K: commas, '$', a trailing period."""
     return re.sub(r"\.$", "", s.replace(",", "").replace("$", ""))
-
 
 def extract_gsm8k_strict(text: str):
     """lm-eval strict-match: first "The answer is <number>." (case-sensitive), or None."""
     m = STRICT.search(text)
     return _clean_number(m.group(1)) if m else None
 
-
 def extract_gsm8k_flexible(text: str):
     """lm-eval flexible-extract: the last match of (-?[$0-9.,]{2,})|(-?[0-9]+), or None."""
     found = [a or b for a, b in FLEXIBLE.findall(text)]  # findall gives (group1, group2): one is empty
     return _clean_number(found[-1]) if found else None
-
 
 def gsm8k_equal(pred, gold) -> bool:
     """Numeric equality for the lm-eval rules ("18" == "18.0" == "$18"); False when either is not a number."""
@@ -346,12 +374,10 @@ def gsm8k_equal(pred, gold) -> bool:
     a, b = (None, None) if pred is None else (num(pred), num(gold))
     return a is not None and b is not None and a == b
 
-
 # ----------------------------------------------------------------------------------------------------------
 # ARC parsing
 
 ARC_DELIMITER = "the answer is"
-
 
 def arc_official_answer(text: str):
     """The official rule's answer text, exactly: None for an empty output; if the lower-cased output holds
@@ -365,28 +391,23 @@ def arc_official_answer(text: str):
         return piece.lower().split(ARC_DELIMITER)[-1].lstrip(":").strip(" '[]()\".").rstrip(".")
     return text.lower().strip(" '[]()\".").rstrip(".").split(".")[-1]
 
-
 def arc_official_correct(answer, gold_text: str) -> bool:
     """The official test: the gold option text (lower-cased, stripped, final period dropped) is a substring of
     the official answer text. Ambiguous when options contain one another ("5" / "15")."""
     return answer is not None and gold_text.lower().strip().rstrip(".") in answer
-
 
 def answer_segment(text: str):
     """The text after the LAST "the answer is" (any case) up to the end of that line, or None."""
     parts = re.split(ARC_DELIMITER, text, flags=re.IGNORECASE)
     return parts[-1].strip().split("\n")[0] if len(parts) > 1 else None
 
-
 def _norm(s: str, lower: bool = True) -> str:
     s = re.sub(r"\s+", " ", s.strip().strip(" .:'\"`*()"))
     return s.lower() if lower else s
 
-
 def _contains(hay: str, needle: str) -> bool:
     """`needle` in `hay` as a whole token: "5" is not in "15", "1.5" is not in "11.5" or "1.55"."""
     return re.search(rf"(?<![\w.]){re.escape(needle)}(?![\w]|\.\d)", hay) is not None
-
 
 def extract_arc(text: str, options: list):
     """This project's exact rule: the index of the option chosen after the LAST "the answer is", or None:
@@ -416,7 +437,6 @@ def extract_arc(text: str, options: list):
         if all(_contains(nopts[longest], nopts[i]) for i in hits):
             return longest
     return None
-
 
 def is_correct(ex: Example, text: str) -> bool:
     """The rule used for checkpoint selection: the official rule (GSM8K), the exact option rule (ARC)."""

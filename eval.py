@@ -3,22 +3,24 @@ eval.py: greedy zero-shot GSM8K and ARC-Challenge accuracy, auditable row by row
 
 What it does: turns each question into prompt ids exactly as training does (data.prompt_ids: the official
 prompt, chat template or BOS), decodes greedily (argmax, no sampling) with latro.py's sampling engine until the
-end-of-turn token or --max-new-tokens, parses every output with every rule, and prints one summary line per rule.
-With --samples k it also decodes k samples at temperature 1 per question and reports maj@k (majority vote over
-the parsed answers), as the paper's Table 2 does with k = 8. Every question becomes one JSONL row (prompt,
-output, parsed answer and correctness per rule, gold), and the summary is written beside it as JSON; both are
-written atomically, and the output path is checked before any decoding starts.
+end-of-turn token or --max-new-tokens, parses every output with every rule, and prints one summary line per rule
+with a 95% interval. With --samples k it also decodes k samples at temperature 1 per question and reports maj@k
+(majority vote over the parsed answers), as the paper's Table 2 does with k = 8. With --paired-with it compares
+this model, question by question, with an earlier evaluation of another model on the same questions.
 
-Rules (data.py):
-    GSM8K  official  the official code's rule, exactly: first number after the last "The answer is"
-                     (case-sensitive), else the last number; float equality
-           strict    lm-evaluation-harness strict-match "The answer is (-?[0-9.,]+)."
-           flexible  lm-evaluation-harness flexible-extract: the last number-like token
-    ARC    official  the official code's rule, exactly: the gold text is contained in the first sentence that
-                     holds "the answer is" (after it), else in the last sentence
-           exact     the ONE option chosen by letter / exact text / unambiguous whole-token containment
-maj@k votes on normalised answers: GSM8K by numeric value, ARC official by the official rule's answer text
-(lower-cased, stripped of brackets, quotes and periods), ARC exact by option.
+How to read it: RULES names every parse rule; `judge` applies them to one question; `summarize` and `paired`
+turn rows into figures; `evaluate` decodes and appends rows as it goes; `main` loads, continues, and writes.
+
+Rules (data.py has them): GSM8K official (the official code's: first number after the last "The answer is",
+else the last number), strict and flexible (lm-evaluation-harness); ARC official (the official code's
+containment) and exact (the ONE option chosen). maj@k votes on normalised answers: numbers by value, ARC
+official by the rule's answer text, ARC exact by option.
+
+Output: OUT (one JSON row per question: prompt, output, finished, tokens, parsed answer and correctness per rule,
+gold) and OUT.summary.json. Rows are appended to OUT.part<rank> as each batch finishes; an evaluation that was
+killed or interrupted continues when run again with the same flags, and ends with the same OUT and summary.
+Intervals: Wilson 95% for an accuracy; for a paired difference, the Wald interval of the difference of paired
+proportions, and McNemar's exact two-sided p on the questions where the two models disagree.
 
 Departures from the official evaluation:
 1. Greedy is argmax decoding; the official code samples at temperature 1e-7.
@@ -29,14 +31,10 @@ Departures from the official evaluation:
 Commands:
     python eval.py --model HuggingFaceTB/SmolLM2-135M-Instruct --dataset gsm8k --limit 100
     python eval.py --model runs/latro/best --dataset ../shared/data/arc_challenge --samples 8
+    python eval.py --model runs/latro/best --dataset arith --paired-with runs/eval/base.jsonl
     torchrun --nproc_per_node=8 eval.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k
 """
-import argparse
-import hashlib
-import json
-import os
-import re
-import time
+import glob, hashlib, json, math, os, re, signal, time
 from collections import Counter
 
 import torch
@@ -46,33 +44,32 @@ from tqdm import tqdm
 import data
 import latro
 
+ROW_FLAGS = ("model", "dataset", "split", "limit", "max_new_tokens", "samples", "seed", "dtype")  # decide the rows
 
 def get_args(argv=None):
-    p = latro.Parser(description="Greedy zero-shot GSM8K / ARC-Challenge scoring.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = latro.Parser(description="Greedy zero-shot GSM8K / ARC-Challenge scoring.")
     a = p.add_argument
     a("--model", required=True, help="hub name, local model folder, or a latro.py model (OUT/best, "
       "OUT/checkpoint/model)")
-    a("--dataset", required=True, help="gsm8k | arc_challenge | hub id | local file or folder of JSONL/parquet")
+    a("--dataset", required=True, help="gsm8k | arc_challenge | arith[:SEED] | hub id | local file or folder")
     a("--split", default="test", help="dataset split")
     a("--limit", type=latro.POSITIVE, default=None, help="score only the first N questions")
     a("--batch-size", type=latro.POSITIVE, default=16, help="questions decoded together per process")
     a("--max-new-tokens", type=latro.POSITIVE, default=500, help="generation limit (paper: 500)")
     a("--samples", type=latro.COUNT, default=0, help="k for maj@k: k samples at T=1 per question (paper: 8); 0 = off")
-    a("--seed", type=latro.COUNT, default=0, help="seed of the maj@k samples")
+    a("--seed", type=latro.SEED, default=0, help="seed of the maj@k samples")
     a("--out", default=None, help="per-question JSONL (the summary goes to OUT.summary.json); default: "
       "runs/eval/<model path>-<dataset>-<split>.jsonl")
+    a("--paired-with", default=None, help="rows (JSONL) of another model's evaluation on the same questions: adds "
+      "the paired difference, its 95%% interval and McNemar's p per rule")
     a("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 on GPU, fp32 on CPU")
-    a("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the decode step (auto: GPU)")
-    a("--cuda-graphs", choices=["auto", "on", "off"], default="auto", help="CUDA-graph the decode step (auto: GPU)")
-    a("--decode-attention", choices=["math", "auto"], default="math", help="attention of the decode step (see "
-      "latro.py --help)")
+    a("--compile", **latro.ONOFF, help="torch.compile the decode step (auto: GPU)")
+    a("--cuda-graphs", **latro.ONOFF, help="CUDA-graph the decode step (auto: GPU)")
     a("--device", default=None, help="override the device (cpu, cuda:0)")
     args = p.parse_args(argv)
     if args.samples == 1:
         p.error("argument --samples: use 0 (off) or k >= 2 for maj@k")
     return args
-
 
 def default_out(model: str, dataset: str, split: str) -> str:
     """runs/eval/<the model's whole path>-<dataset>-<split>.jsonl, plus a short hash of the absolute paths, so
@@ -81,29 +78,23 @@ def default_out(model: str, dataset: str, split: str) -> str:
     key = hashlib.sha1(f"{os.path.abspath(model)}|{os.path.abspath(dataset)}".encode()).hexdigest()[:8]
     return os.path.join("runs", "eval", f"{slug(model)}-{slug(dataset)}-{split}-{key}.jsonl")
 
-
 def check_writable(path: str):
     """Fail before the expensive part: make the folder and write (then remove) a probe next to `path`."""
     try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a folder")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write("probe")
-        os.remove(path + ".tmp")
+        open(path + ".probe", "w").close(), os.remove(path + ".probe")
     except OSError as e:
         raise SystemExit(f"--out {path!r}: cannot write there ({e.strerror or e}); pass another --out") from None
-
 
 def write_atomic(path: str, text: str):
     """Write `text` to path.tmp, then rename it over `path`: a reader never sees half a file."""
     try:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        open(path + ".tmp", "w").write(text), os.replace(path + ".tmp", path)
     except OSError as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        latro.remove(path + ".tmp")
         raise SystemExit(f"cannot write {path}: {e.strerror or e}") from None
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Rules: name -> (extract(text, ex) -> answer or None, correct(answer, ex) -> bool)
@@ -122,7 +113,6 @@ RULES = {
     },
 }
 
-
 def vote_key(value):
     """What a vote counts as: a number's value ("18" and "18.0" are one vote), else the text with its spacing
     collapsed (the official ARC answer text is already lower-cased and stripped of brackets and periods)."""
@@ -133,7 +123,6 @@ def vote_key(value):
             return " ".join(value.split())
     return value
 
-
 def majority(values: list):
     """The most common parsed answer (None votes do not count; ties go to the earliest), or None."""
     keys = [None if v is None else vote_key(v) for v in values]
@@ -141,9 +130,7 @@ def majority(values: list):
     if not votes:
         return None
     top = max(votes.values())
-    # deterministic tie-break: the first sample (in stream order) whose answer has the top count
     return next(v for v, k in zip(values, keys) if k is not None and votes[k] == top)
-
 
 def judge(ex, outputs: list) -> dict:
     """Parse one question's outputs (greedy first, then samples) with every rule."""
@@ -158,92 +145,174 @@ def judge(ex, outputs: list) -> dict:
             row["correct"][f"{name}_maj"] = bool(correct(vote, ex))
     return row
 
+# ----------------------------------------------------------------------------------------------------------
+# Figures: accuracy with its interval, and the paired comparison of two models
+
+def wilson(k: int, n: int, z: float = 1.96) -> list:
+    """The Wilson score 95% interval of k successes in n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, c - h), min(1.0, c + h)]
 
 def summarize(rows: list, task: str, n_samples: int) -> dict:
-    """Per rule: correct, n, accuracy, and the number of unparseable outputs."""
+    """Per rule: correct, n, accuracy, its 95% interval, and the number of unparseable outputs."""
     names = list(RULES[task]) + ([f"{r}_maj" for r in RULES[task]] if n_samples else [])
     out = {}
     for name in names:
         ok = sum(r["correct"][name] for r in rows)
         bad = sum(r["parsed"][name] is None for r in rows)   # reported, never hidden in the accuracy
-        out[name.replace("_maj", f" maj@{n_samples}")] = {"correct": ok, "n": len(rows),
-                                                           "accuracy": ok / max(len(rows), 1), "unparseable": bad}
+        out[name.replace("_maj", f" maj@{n_samples}")] = {"correct": ok, "n": len(rows), "accuracy": ok / max(
+            len(rows), 1), "interval95": wilson(ok, len(rows)), "unparseable": bad}
     return out
 
+def paired(rows: list, base: list, task: str) -> dict:
+    """Per greedy rule: this model minus the other on the same questions, the 95% interval of that difference,
+    and McNemar's exact two-sided p (a binomial test on the b + c questions where exactly one is right)."""
+    other = {r["index"]: r for r in base}
+    if sorted(other) != [r["index"] for r in rows]:
+        raise SystemExit("--paired-with: its rows are not the same questions as this evaluation's")
+    out = {}
+    for name in RULES[task]:
+        b = sum(other[r["index"]]["correct"][name] and not r["correct"][name] for r in rows)   # lost
+        c = sum(r["correct"][name] and not other[r["index"]]["correct"][name] for r in rows)   # gained
+        n, d = len(rows), (c - b) / len(rows)
+        se = math.sqrt(max(b + c - (c - b) ** 2 / n, 0)) / n
+        p = min(1.0, 2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)) / 2 ** (b + c)) if b + c else 1.0
+        out[name] = {"difference": d, "interval95": [d - 1.96 * se, d + 1.96 * se], "gained": c, "lost": b,
+                     "mcnemar_p": p}
+    return out
 
 # ----------------------------------------------------------------------------------------------------------
 
-def evaluate(engine, tok, examples: list, indices: list, args, show: bool = True) -> list:
-    """Rows for the given (index, example) pairs: greedy output, optional samples, parses per rule."""
+def evaluate(engine, tok, examples: list, indices: list, args, part, bar) -> list:
+    """Rows for the given (index, example) pairs, appended to `part` (flushed) as each batch finishes."""
     rows = []
-    for b in tqdm(range(0, len(examples), args.batch_size), disable=not show, desc="eval"):
+    for b in range(0, len(examples), args.batch_size):
         exs, idx = examples[b:b + args.batch_size], indices[b:b + args.batch_size]
         prompts = data.prompt_ids(tok, exs)   # the same prompt ids as training
         # greedy: no uniforms (argmax); no `tok`, so generation stops at end-of-turn only, never at the answer
         # template as training rollouts do: the answer after "The answer is" is what we score
-        greedy, _ = engine.generate(prompts, args.max_new_tokens)
+        greedy, finished = engine.generate(prompts, args.max_new_tokens)
         samples = [[] for _ in exs]
         if args.samples:
             # maj@k: k samples at T=1 from the question's own stream (keyed by its index, not its batch or rank)
             u = torch.cat([latro.question_uniforms(args.seed, 0, i, args.samples, args.max_new_tokens) for i in idx])
             outs, _ = engine.generate([p for p in prompts for _ in range(args.samples)], args.max_new_tokens, u)
             samples = [outs[j * args.samples:(j + 1) * args.samples] for j in range(len(exs))]
-        for e, i, p, g, s in zip(exs, idx, prompts, greedy, samples):
+        for e, i, p, g, f, s in zip(exs, idx, prompts, greedy, finished, samples):
             outputs = [tok.decode(o, skip_special_tokens=True) for o in [g] + s]
-            row = {"index": i, "id": e.id, "prompt": tok.decode(p), "output": outputs[0], "gold": e.gold,
-                   **judge(e, outputs)}
-            if s:
-                row["samples"] = outputs[1:]
-            rows.append(row)
+            row = {"index": i, "id": e.id, "prompt": tok.decode(p), "output": outputs[0], "finished": f,
+                   "tokens": len(g), "gold": e.gold, **judge(e, outputs)}
+            rows.append(row | ({"samples": outputs[1:]} if s else {}))
+        part.write("".join(json.dumps(r) + "\n" for r in rows[-len(exs):]))
+        part.flush()
+        bar.update(len(exs) * dist.get_world_size())
     return rows
 
+def rows_so_far(out: str, flags: dict) -> dict:
+    """{index: row} already in OUT.part* from an earlier, interrupted run with the same flags."""
+    done = {}
+    for path in sorted(glob.glob(glob.escape(out) + ".part*")):
+        lines = open(path).read().splitlines()
+        if lines and lines[0].startswith('{"flags"') and json.loads(lines[0])["flags"] != flags:
+            raise SystemExit(f"{path} holds an unfinished evaluation with other flags: delete {out}.part* or pass "
+                             f"another --out")
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+                done[row["index"]] = row
+            except (ValueError, KeyError):   # a line a kill cut short: that question is decoded again
+                pass
+    return done
+
+def report(args, rows: list, base: list, task: str, out: str, seconds: float, world: int, device) -> dict:
+    """OUT and OUT.summary.json, written atomically, and one line per rule (and per paired comparison)."""
+    summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": len(rows),
+               "max_new_tokens": args.max_new_tokens, "samples": args.samples, "seconds": seconds, "world": world,
+               "device": device.type, "rows": out, "unfinished": sum(not r["finished"] for r in rows) / len(rows),
+               "mean_tokens": sum(r["tokens"] for r in rows) / len(rows), "rules": summarize(rows, task, args.samples)}
+    if base is not None:
+        summary |= {"paired_with": args.paired_with, "paired": paired(rows, base, task)}
+    if all(not r["output"].strip() for r in rows):
+        summary["warning"] = "every output is empty: the model writes nothing (a damaged model, or a wrong template)"
+    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(out + ".summary.json", json.dumps(summary, indent=1))
+    print(f"model {args.model} | {args.dataset} {args.split} | {len(rows)} questions | greedy, "
+          f"{args.max_new_tokens} new tokens | unfinished {summary['unfinished']:.3f}, mean length "
+          f"{summary['mean_tokens']:.1f} tokens | {seconds:.0f} s on {world} x {device.type} | rows: {out}")
+    for name, r in summary["rules"].items():
+        lo, hi = r["interval95"]
+        print(f"{task} {name:>18}: {r['correct']}/{r['n']} ({100 * r['accuracy']:.1f}%, 95% {100 * lo:.1f}-"
+              f"{100 * hi:.1f})  unparseable {r['unparseable']}")
+    for name, r in summary.get("paired", {}).items():
+        lo, hi = r["interval95"]
+        print(f"{task} {name:>9} vs paired: {100 * r['difference']:+.1f} points (95% {100 * lo:+.1f} to "
+              f"{100 * hi:+.1f}), gained {r['gained']}, lost {r['lost']}, McNemar p {r['mcnemar_p']:.3g}")
+    if "warning" in summary:
+        print(f"WARNING: {summary['warning']}")
+    return summary
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM: the rows of every finished batch are kept; the same command continues."""
+
+def on_signal(signum, frame):
+    raise Stopped(signum)
 
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = latro.setup_distributed(args.device)
     dtype = latro.pick_dtype(args.dtype, device)
+    args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
     auto = lambda flag: flag == "on" or (flag == "auto" and device.type == "cuda")
     if auto(args.cuda_graphs) and device.type != "cuda":
         raise SystemExit("--cuda-graphs on needs a GPU")
     out = args.out or default_out(args.model, args.dataset, args.split)
-    latro.model_path(args.model)  # fail on a wrong path before any work
+    cfg = latro.load_config(args.model)   # fails on a wrong path before any work
     if rank == 0:
         check_writable(out)
     try:
         examples = data.load_split(args.dataset, args.split)[:args.limit]
     except data.DataError as e:
         raise SystemExit(f"--dataset {args.dataset!r}: {e}") from None
-    task = examples[0].task
     tok = latro.load_tokenizer(args.model)
-    lm = latro.load_model(args.model, dtype, device)
-    engine = latro.Engine(lm, latro.stop_token_ids(tok, lm), compile=auto(args.compile),
-                          graphs=auto(args.cuda_graphs), attention=args.decode_attention)
-
-    t0 = time.time()
-    mine = list(range(rank, len(examples), world))  # rows strided by rank
-    rows = evaluate(engine, tok, [examples[i] for i in mine], mine, args, show=rank == 0)
-    if world > 1:  # every rank's rows to every rank (small: text and a few fields per question)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
-    rows.sort(key=lambda r: r["index"])  # the file and the summary read the same whatever the world size
-    seconds = time.time() - t0
-
+    prompts = data.prompt_ids(tok, examples)
+    latro.check_lengths(tok, examples, [len(p) for p in prompts], args.max_new_tokens, latro.context_length(cfg),
+                        answer=False)
+    flags, base = {k: getattr(args, k) for k in ROW_FLAGS}, None
+    done = rows_so_far(out, flags)
+    try:   # the other model's rows, read now: a bad file must not cost the decoding
+        base = [json.loads(l) for l in open(args.paired_with)] if args.paired_with else None
+        assert base is None or sorted(r["index"] for r in base) == list(range(len(examples))), "other questions"
+    except (OSError, ValueError, KeyError, AssertionError) as e:
+        raise SystemExit(f"--paired-with {args.paired_with!r}: not the rows of these questions ({e})") from None
+    lm = latro.load_plain(cfg, latro.read_on_rank0(args.model, rank == 0), dtype, device)
+    engine = latro.Engine(lm, latro.stop_token_ids(tok, args.model), auto(args.compile),
+                          auto(args.cuda_graphs))
+    todo = [i for i in range(len(examples)) if i not in done]
+    mine = todo[rank::world]                        # rows strided by rank
+    t0, part_path = time.time(), f"{out}.part{rank}"
+    signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    text = open(part_path).read() if os.path.exists(part_path) else ""
+    with open(part_path, "a") as part, tqdm(total=len(examples), initial=len(done), disable=rank != 0,
+                                            desc="eval", unit="q") as bar:
+        # a new file starts with the flags; an old one may end in a line cut short by a kill: close it
+        part.write(json.dumps({"flags": flags}) + "\n" if not text else "" if text.endswith("\n") else "\n")
+        try:
+            evaluate(engine, tok, [examples[i] for i in mine], mine, args, part, bar)
+        except Stopped as s:
+            bar.close()
+            print(f"\n{signal.Signals(s.args[0]).name}: stopped; the rows of finished batches are in {part_path}: "
+                  f"run the same command to continue", flush=True)
+            raise SystemExit(128 + s.args[0]) from None
+    latro.close_distributed()   # every rank's part file is complete
     if rank == 0:
-        rules = summarize(rows, task, args.samples)
-        write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-        summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": len(rows),
-                   "max_new_tokens": args.max_new_tokens, "samples": args.samples, "seconds": seconds,
-                   "world": world, "device": device.type, "rows": out, "rules": rules}
-        write_atomic(out + ".summary.json", json.dumps(summary, indent=1))
-        print(f"model {args.model} | {args.dataset} {args.split} | {len(rows)} questions | greedy, "
-              f"{args.max_new_tokens} new tokens | {seconds:.0f} s on {world} x {device.type} | rows: {out}")
-        for name, r in rules.items():
-            print(f"{task} {name:>18}: {r['correct']}/{r['n']} ({100 * r['accuracy']:.1f}%)  unparseable "
-                  f"{r['unparseable']}")
-    latro.close_distributed()
-    return rows
-
+        rows = sorted(rows_so_far(out, flags).values(), key=lambda r: r["index"])
+        report(args, rows, base, examples[0].task, out, time.time() - t0, world, device)
+        for path in glob.glob(glob.escape(out) + ".part*"):
+            os.remove(path)
+        return rows
 
 if __name__ == "__main__":
     main()

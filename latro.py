@@ -1,72 +1,73 @@
 """
 latro.py: LaTRO (LaTent Reasoning Optimization, Chen et al. 2024, arXiv 2411.04282) in one file.
 
-What it does: for every question x the model samples K chain-of-thought rationales z_1..z_K, appends the
-gold answer y = "The answer is {gold}." after each, and scores everything with ONE forward of the policy over
-[x ; z ; y] and ONE forward of a frozen reference copy (read at the z positions). Each rationale's self-reward
-is the log-likelihood of the gold answer after it minus a KL penalty; REINFORCE with a leave-one-out baseline
-pushes the policy towards rationales that make the answer likely, and a direct gradient on log pi(y|x+z)
-teaches the answer itself. No reward model, no value network. The loop is plain torch.distributed launched
-by torchrun, with PyTorch's FSDP2 (`fully_shard`) holding fp32 master weights in every mode: replicated,
-sharded over the GPUs, or sharded with weights, gradients and AdamW on the host (one GPU, large models).
+What it does: for every question x the model samples K chain-of-thought rationales z_1..z_K, appends the gold
+answer y = "The answer is {gold}." after each, and scores everything with ONE forward of the policy over
+[x ; z ; y] and ONE forward of a frozen reference copy (read at the z positions). Each rationale's self-reward is
+the log-likelihood of the gold answer after it minus a KL penalty; REINFORCE with a leave-one-out baseline pushes
+the policy towards rationales that make the answer likely, and a direct gradient on log pi(y|x+z) teaches the
+answer itself. No reward model, no value network. The loop is plain torch.distributed under torchrun, with
+PyTorch's FSDP2 holding fp32 master weights: replicated, sharded, or sharded with the state on the host.
 
 The objective (paper Eq. 2-4), per question, with sums over tokens (no length normalisation):
     r_k  = log pi(y | x+z_k)  -  beta * [ log pi(z_k|x) - log pi_0(z_k|x) ]         self-reward, k1 KL
     A_k  = r_k - 1/(K-1) * sum_{j!=k} r_j                                            leave-one-out baseline
     grad = 1/(N K) sum_i sum_k [ A_k * grad log pi(z_k|x)  +  w_sft * grad log pi(y|x+z_k) ]
     loss = mean over the GLOBAL N*K rationales of [ -stopgrad(A_k) * log pi(z_k|x) - w_sft * log pi(y|x+z_k) ]
-See `latro_loss` below: the equation is there term by term.
 
 Departures from the paper / official code (SalesforceAIResearch/LaTRO), and why:
-1. Non-stop penalty: a rationale that hits L tokens without stopping gets answer reward
-   gamma * mean(log pi(y|x+z) of the SAME question's K rationales); the official code uses the mean over the
-   GPU's local batch, which mixes questions and makes the update depend on the number of GPUs.
+1. Non-stop penalty: an unfinished rationale's answer reward is gamma * mean(log pi(y|x+z)) of the SAME
+   question's K rationales; the official mean over the GPU's batch mixes questions and depends on the GPU count.
 2. w_sft = 1 by default, as in the paper's Eq. 4; the official script ships 0 (`--sft-weight 0` restores it).
-3. The rationale ends at the end-of-turn / EOS token or where the first answer template starts (the official
-   list: "The answer is", "the answer is", "So, the answer is", "Therefore, the answer is", "so the final
-   answer is", "Answer:"; case-sensitive, on word boundaries), detected on the DECODED text; the official code
-   matches token ids, which misses other tokenisations. The stop token and the template are not part of z;
-   log pi(z|x) therefore does not include the probability of stopping.
+3. z ends at the end-of-turn / EOS token or where the first answer template of the official list starts ("The
+   answer is", "the answer is", "So, the answer is", "Therefore, the answer is", "so the final answer is",
+   "Answer:"; case-sensitive, on word boundaries), found in the DECODED text (the official code matches token
+   ids, which misses other tokenisations). Neither is part of z, so log pi(z|x) leaves out the stop.
 4. Sampling stops as soon as every row has stopped (the official code always generates L tokens).
-5. log pi(y|x+z) covers exactly the tokens of y (the official code also scores the last token of z), and y is
-   tokenised in context, after z, as the model would write it (the official code tokenises y on its own).
-6. Scoring is fused: 1 policy forward with gradient + 1 reference forward, instead of 3 without + 2 with.
-   Log-probs are taken only at z and y positions, chunk by chunk, never as a [B, T, V] fp32 tensor.
-7. Each question has its own random stream, seeded by (seed, step, question), so the same questions get the
-   same rationales whatever the number of processes, and a resumed run repeats an uninterrupted one.
+5. log pi(y|x+z) covers exactly the tokens of y (the official code also scores z's last token), and y is
+   tokenised in context, after z, as the model would write it (the official code tokenises y alone).
+6. Fused scoring: 1 policy forward with gradient + 1 reference forward (official: 3 without + 2 with), with
+   log-probs only at z and y positions, chunk by chunk, never a [B, T, V] fp32 tensor.
+7. Each question has its own random stream, seeded by (seed, step, question): the same rationales whatever the
+   number of processes, and a resumed run repeats an uninterrupted one.
 8. Checkpoints are selected on a held-out slice of train (`--val-size`), never on the test set.
-9. Sampling draws token t as the inverse CDF of softmax(logits) at a uniform u (exactly multinomial sampling
-   at temperature 1, no top-k / top-p), from a bf16 replica of the policy refreshed after every update.
+9. Token t is the inverse CDF of softmax(logits) at a uniform u (exactly multinomial sampling at temperature 1,
+   no top-k / top-p), drawn from a bf16 replica of the policy refreshed after every update.
 10. The GSM8K gold loses its thousands commas ("The answer is 1000."; the official y keeps "1,000").
 
-Commands:
-    # laptop CPU, the real SmolLM2-135M-Instruct on local GSM8K files (a few minutes on 2 cores)
-    python latro.py --model "$(python tests/smollm.py)" --dataset ../shared/data/gsm8k --out runs/quickstart \
-        --k 4 --max-new-tokens 160 --questions-per-rank 2 --steps 4 --lr 1e-5 --val-size 8 --heldout-questions 4 \
-        --eval-every 2 --eval-max-new-tokens 32
-    # one GPU: the memory plan picks offload (fp32 master, gradients and AdamW on the host) when needed
-    python latro.py --model microsoft/Phi-3.5-mini-instruct --dataset gsm8k
-    # full fine-tuning of an 8B model on 8 x 80 GB (the plan picks shard: a replica would need ~128 GB)
-    torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B
-    # the paper's setting: 8 GPUs x 3 questions x K=16
-    torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k
-    # what would fit where, without loading any weights
-    python latro.py --model microsoft/Phi-3.5-mini-instruct --plan-only --gpu-memory-gb 80
-    # CPU, 2 processes over gloo (what the tests do)
-    torchrun --nproc_per_node=2 latro.py --model TINY_FOLDER --dataset FILE.jsonl --questions-per-rank 2 --k 3
+How to read this file. The method comes first, in the paper's order: the objective (Eq. 2-4) and its
+leave-one-out estimator, then what the estimator consumes (the log-probabilities of one scoring forward, the
+rationales of the sampler), then one training step that joins them, and the loop that repeats it: Eq. 4 is on
+the first screen and every quantity is defined before the step that uses it. A reader who stops at the
+"machinery" divider has read the whole algorithm; calls into the machinery are one line each (`setup`,
+`engine.generate`, `save_checkpoint`). After it: the fast sampler, model loading, torchrun plumbing, flags, the
+memory plan, the run folder (checkpoints, resume, signals), and setup.
+
+Commands (the README has the CPU quick start with the real SmolLM2-135M-Instruct):
+    python latro.py --model microsoft/Phi-3.5-mini-instruct --dataset gsm8k     # 1 GPU: the plan picks offload
+    torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B         # 8 x 80 GB: the plan shards
+    torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k   # the paper
+    python latro.py --model FOLDER_WITH_CONFIG_JSON --plan-only --gpu-memory-gb 80    # what fits, no weights
+    torchrun --nproc_per_node=2 latro.py --model TINY_FOLDER --dataset FILE.jsonl --k 3   # CPU, gloo (the tests)
+
+Map:
+    section                 what it holds                                          paper
+    1  The objective        rloo_advantages, latro_loss, lr_at                     Eq. 2-4, Prop. 2, Sec. 5.1
+    2  Scoring              Scorer, score, build_batch, answer_ids                 log pi(z|x), log pi(y|x+z)
+    3  Sampling             question_uniforms, pick_token, stop rules, rollout     z ~ pi(.|x) at T=1, Sec. 4.3
+    4  One step             score_and_backward, train_step                         Eq. 4 applied, AdamW
+    5  The loop             validate, evaluate_and_keep_best, main                 selection on a train slice
+    --- machinery ---
+    6  The engine           KVCache, RotaryTable, decode_attention, Engine         (fast z ~ pi(.|x))
+    7  Models               paths, tokenizers, rank 0 reads and the others receive
+    8  Distributed          setup_distributed, wrap (FSDP2), collectives, the data order
+    9  Flags                get_args, resolve_defaults
+    10 The memory plan      memory_plan, choose_layout
+    11 The run folder       lock, checksummed checkpoints swapped in whole, resume, signals
+    12 Setup                setup, build, restore
 """
-import argparse
-import copy
-import functools
-import json
-import math
-import os
-import random
-import re
-import resource
-import shutil
-import signal
-import time
+import argparse, copy, fcntl, functools, hashlib, json, math, os, random, re, resource, shutil, signal, socket, sys, time
+from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
@@ -81,585 +82,43 @@ import data
 PAPER_BETA = {"gsm8k": 0.05, "arc_challenge": 0.25}
 PAPER_STEPS = {"gsm8k": 117, "arc_challenge": 35}
 PAPER_ROLLOUTS_PER_STEP = 24 * 16
-# Flags that must agree between a run and the checkpoint it resumes (the world size need not).
-RESUME_KEYS = ("model", "dataset", "k", "beta", "max_new_tokens", "penalty", "sft_weight", "lr", "weight_decay",
-               "global_questions", "steps", "seed", "val_size", "grad_clip", "dtype")
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "best.old",
-             "best.tmp")
-
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration
+# 1. The objective (paper Eq. 2-4)
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the default prints the whole usage first), and which reads "-1e-3"
-    as a (negative) value to range-check, not as an unknown option."""
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N, K): A_k = r_k - mean_{j != k} r_j (leave-one-out baseline)."""
+    K = rewards.shape[1]
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (K - 1)             # (N, K)
+    return rewards - baseline
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+def latro_loss(logp_z, logp_z_ref, logp_y, finished, beta: float, sft_weight: float = 1.0, penalty: float = 2.0):
+    """All inputs (N, K); `finished` bool. Returns (loss, stats). The gradient of the loss is minus the
+    paper's estimator: 1/(NK) sum [A_k grad logp_z + w grad logp_y]."""
+    with torch.no_grad():
+        answer_reward = logp_y.detach()                                       # (N, K) log pi(y|x+z)
+        # non-stop penalty: gamma x mean answer reward of the same question (LATRO.md sec. 3, departure 1)
+        answer_reward = torch.where(finished, answer_reward, penalty * answer_reward.mean(1, keepdim=True))
+        kl = logp_z.detach() - logp_z_ref                                     # (N, K) k1 estimate of the KL
+        reward = answer_reward - beta * kl                                    # (N, K) self-reward r_k
+        advantage = rloo_advantages(reward)                                   # (N, K) A_k
+    objective = advantage * logp_z + sft_weight * logp_y                      # (N, K) REINFORCE + answer term
+    loss = -objective.mean()
+    stats = {"loss": loss.item(), "reward": reward.mean().item(), "logp_y": logp_y.detach().mean().item(),
+             "kl": kl.mean().item(), "elbo": (logp_y.detach() - beta * kl).mean().item(),
+             "unfinished": (~finished).float().mean().item(), "advantage_abs": advantage.abs().mean().item()}
+    return loss, stats
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def number(kind, low, strict=False):
-    """An argparse type: `kind` (int or float), finite, >= low (> low when strict)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
-        return value
-    return parse
-
-
-POSITIVE, COUNT, RATE, WEIGHT = number(int, 1), number(int, 0), number(float, 0, strict=True), number(float, 0)
-
-
-def get_args(argv=None):
-    p = Parser(description="LaTRO training (see the module docstring).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--model", required=True, help="hub name (meta-llama/Llama-3.1-8B-Instruct) or local model folder")
-    a("--dataset", default="gsm8k", help="gsm8k | arc_challenge | hub id | local file or folder of JSONL/parquet")
-    a("--out", default="runs/latro", help="run folder: config, metrics.jsonl, checkpoint/, best/")
-    a("--overwrite", action="store_true", help="delete the run already in --out (its config, metrics, checkpoint/ "
-      "and best/) and start a new one")
-    a("--seed", type=COUNT, default=0, help="seed of the data order, the validation slice and every rationale")
-    # the method (paper Sec. 4-5)
-    a("--k", type=POSITIVE, default=16, help="rationales sampled per question (K)")
-    a("--beta", type=WEIGHT, default=None, help="KL coefficient; default 0.05 for GSM8K, 0.25 for ARC (paper)")
-    a("--max-new-tokens", type=POSITIVE, default=500, help="L: rationale length limit in tokens")
-    a("--penalty", type=WEIGHT, default=2.0, help="gamma: an unfinished rationale's answer reward is gamma x the "
-      "mean answer reward of its question's K rationales")
-    a("--sft-weight", type=WEIGHT, default=1.0, help="weight of the direct grad log pi(y|x+z) term (paper 1, "
-      "official code 0)")
-    # optimisation
-    a("--questions-per-rank", type=POSITIVE, default=3, help="questions per process per step (paper: 3 x 8 GPUs)")
-    a("--global-questions", type=POSITIVE, default=None, help="questions per step over all processes; overrides "
-      "--questions-per-rank and must divide by the number of processes (keeps a run identical at any scale)")
-    a("--micro-questions", type=POSITIVE, default=1, help="questions per forward/backward micro-batch (K rows each)")
-    a("--steps", type=POSITIVE, default=None, help="optimizer steps; default: the paper's 117 (GSM8K) / 35 (ARC), "
-      "scaled to keep the same number of rollouts when the global batch differs from 24 x 16")
-    a("--lr", type=RATE, default=5e-7, help="AdamW peak learning rate, decayed linearly to 0, no warm-up")
-    a("--weight-decay", type=WEIGHT, default=0.0, help="AdamW weight decay")
-    a("--grad-clip", type=WEIGHT, default=0.0, help="clip the global grad norm to this; 0 = off (paper)")
-    a("--max-bad-steps", type=POSITIVE, default=3, help="stop with an error after this many steps in a row whose "
-      "loss or gradient norm is not finite (each such step is skipped: no update)")
-    # evaluation and checkpoints
-    a("--val-size", type=COUNT, default=200, help="train questions held out for checkpoint selection")
-    a("--eval-every", type=COUNT, default=20, help="greedy-evaluate the validation slice every N steps; 0 = off")
-    a("--eval-max-new-tokens", type=POSITIVE, default=500, help="generation limit of the validation evaluation")
-    a("--heldout-questions", type=COUNT, default=8, help="validation questions whose fixed rationales track the "
-      "held-out self-reward (mean log pi(y|x+z) on rationales sampled once at step 0)")
-    a("--save-every", type=COUNT, default=20, help="write a resumable checkpoint every N steps (and at the end); "
-      "0 = only at the end")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint (flags must match the saved run)")
-    a("--stop-after", type=COUNT, default=0, help="exit after this step as if interrupted (tests, job limits)")
-    # systems
-    a("--parallel", choices=["auto", "replicate", "shard", "offload", "ddp", "fsdp"], default="auto", help="FSDP2 "
-      "layout: replicate (every GPU holds everything), shard (over the GPUs), offload (sharded, with fp32 master "
-      "weights, gradients and AdamW on the host); auto picks the first that the memory plan fits. ddp and fsdp "
-      "are older names of replicate and shard")
-    a("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="compute dtype: bf16 on GPU, fp32 on CPU")
-    a("--grad-checkpointing", choices=["auto", "on", "off"], default="auto", help="recompute activations in "
-      "backward; auto = on for GPUs")
-    a("--compile", choices=["auto", "on", "off"], default="auto", nargs="?", const="on", help="torch.compile the "
-      "sampler's decode step; auto = on for GPUs; --compile alone = on")
-    a("--cuda-graphs", choices=["auto", "on", "off"], default="auto", help="replay the decode step as a CUDA "
-      "graph; auto = on for GPUs")
-    a("--prompt-bucket", type=POSITIVE, default=64, help="prompt lengths are padded to a multiple of this, so a few "
-      "decode graphs cover a run")
-    a("--row-bucket", type=POSITIVE, default=8, help="sampler rows are padded to a multiple of this")
-    a("--stop-check-every", type=POSITIVE, default=8, help="decode steps between stop checks (one host sync each)")
-    a("--decode-attention", choices=["math", "auto"], default="math", help="attention of the decode step: math "
-      "(Inductor fuses the mask into it, as gpt-fast does) or auto (SDPA picks a fused kernel)")
-    a("--logprob-chunk", type=POSITIVE, default=1024, help="positions per chunk of the log-softmax over the vocab")
-    a("--gpu-memory-gb", type=RATE, default=None, help="plan against this much memory per GPU (default: what the "
-      "device has); with --plan-only, plan for such GPUs on any machine; on a CPU run, the memory it may use")
-    a("--host-memory-gb", type=RATE, default=None, help="plan against this much host memory (default: this "
-      "machine's)")
-    a("--plan-only", action="store_true", help="print the memory plan and exit without loading any weights")
-    a("--device", default=None, help="override the device (cpu, cuda:0); default: cuda:LOCAL_RANK if present")
-    return p.parse_args(argv)
-
-
-def resolve_defaults(args, task: str, world: int, n_train: int, n_val: int):
-    """Fill the task-dependent defaults and check the batch geometry against the data."""
-    if args.k < 2:
-        raise SystemExit(f"--k {args.k}: the leave-one-out baseline needs at least 2 rationales per question")
-    args.parallel = {"ddp": "replicate", "fsdp": "shard"}.get(args.parallel, args.parallel)
-    if args.global_questions is None:
-        args.global_questions = args.questions_per_rank * world
-    elif args.global_questions % world:
-        raise SystemExit(f"--global-questions {args.global_questions} does not divide over {world} processes")
-    else:
-        args.questions_per_rank = args.global_questions // world
-    if args.questions_per_rank % args.micro_questions:
-        raise SystemExit(f"--questions-per-rank {args.questions_per_rank} must be a positive multiple of "
-                         f"--micro-questions {args.micro_questions}")
-    if args.global_questions > n_train:
-        raise SystemExit(f"--global-questions {args.global_questions} is more than the {n_train} train questions "
-                         f"left after --val-size {n_val}: questions would repeat within a step")
-    if args.heldout_questions > n_val:
-        raise SystemExit(f"--heldout-questions {args.heldout_questions} needs --val-size >= "
-                         f"{args.heldout_questions} (it is {n_val})")
-    args.beta = PAPER_BETA[task] if args.beta is None else args.beta
-    if args.steps is None:
-        args.steps = max(1, round(PAPER_STEPS[task] * PAPER_ROLLOUTS_PER_STEP / (args.global_questions * args.k)))
-    return args
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def print0(*a, **kw):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **kw, flush=True)
-
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear decay from lr to 0 over `steps`, no warm-up (paper Sec. 5.1)."""
+    return lr * max(0.0, 1.0 - step / steps)
 
 # ----------------------------------------------------------------------------------------------------------
-# Models
-
-def model_path(name: str, flag: str = "--model") -> str:
-    """A local folder (checked: it must hold config.json), or a hub id."""
-    path = os.path.expanduser(name)
-    if not os.path.isdir(path) and not name.startswith((".", "/", "~")):
-        return name  # a hub id never starts like a path
-    if not os.path.isdir(path):
-        raise SystemExit(f"{flag} {name!r}: no such folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        inner = os.path.join(path, "model")
-        hint = f"; a latro.py checkpoint keeps its model in {inner}" if os.path.isfile(
-            os.path.join(inner, "config.json")) else ""
-        raise SystemExit(f"{flag} {name!r}: this folder has no config.json, so it is not a model{hint}")
-    return path
-
-
-def load_config(name: str):
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(model_path(name))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {name!r}: cannot read its config ({type(e).__name__}: {str(e)[:300]})") from None
-
-
-def load_model(name: str, dtype, device):
-    """A causal LM by hub name or local folder, dropout off (sampling and scoring are deterministic)."""
-    from transformers import AutoModelForCausalLM
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {name!r}: cannot load it ({type(e).__name__}: {str(e)[:300]})") from None
-    if getattr(lm.config, "final_logit_softcapping", None):
-        raise SystemExit(f"--model {name!r}: logit soft-capping is not supported by the fused scorer")
-    for m in lm.modules():  # nn.Dropout modules and the attention_dropout floats the attention kernels read
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-    return lm.to(device).eval()
-
-
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(model_path(name))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {name!r}: cannot load its tokenizer ({type(e).__name__}: {str(e)[:300]})") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # pad == eos here: masks, not token ids, decide what is padding
-    return tok
-
-
-def stop_token_ids(tok, lm) -> list:
-    """Token ids that end a turn: the chat template's end of turn, the tokenizer's eos, the generation config's."""
-    ids = {tok.eos_token_id, tok.convert_tokens_to_ids(data.end_of_turn(tok))}
-    eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
-    ids |= set(eos if isinstance(eos, (list, tuple)) else [eos])
-    return sorted(i for i in ids if i is not None)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The memory plan: what each phase holds per GPU and per host, from the model's shape and the flags
-
-def model_shape(cfg) -> dict:
-    """Parameter counts (from a weightless model on the meta device) and the sizes the plan needs."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(cfg)
-    heads = cfg.num_attention_heads
-    return dict(n=sum(p.numel() for p in lm.parameters()), layers=cfg.num_hidden_layers,
-                layer_n=sum(p.numel() for p in lm.get_decoder().layers[0].parameters()),
-                hidden=cfg.hidden_size, inter=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
-                vocab=cfg.vocab_size, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-
-
-def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int, runtime_gb: float,
-                tokens: int = None, adam_state: bool = True, local: int = 1) -> list:
-    """Rows (item, GB per GPU, GB of host memory, phases it is live in) for one layout; the host column counts
-    `local` processes (those of one machine), of which only rank 0 gathers a checkpoint. Phases:
-    sample (the replica decodes), score (forward + backward of micro-batches), update (AdamW, then the replica
-    refresh), save (a checkpoint: rank 0 gathers full tensors in host memory). fp32 master weights, gradients
-    and AdamW m, v: 16 bytes per parameter, divided over the ranks unless replicated, on the host when
-    offloaded. The reference and the sampler replica: 2 bytes per parameter each in bf16, on every GPU. On a
-    CPU everything is host memory. `tokens`: the tokens of the largest micro-batch (default: the worst case,
-    every row at the longest prompt + L + y). Before the first update AdamW has no m, v (`adam_state` False)."""
-    G, cb = 2**30, 4 if a.dtype == "fp32" else 2            # bytes per compute-dtype element
-    N, H, I, V = s["n"], s["hidden"], s["inter"], s["vocab"]
-    shards = 1 if mode == "replicate" else world
-    state_on = "host" if mode == "offload" else "gpu"
-    rows = a.questions_per_rank * a.k                        # rows the sampler decodes at once
-    length = prompt_len + max(a.max_new_tokens, a.eval_max_new_tokens)
-    micro_tokens = tokens or a.micro_questions * a.k * (prompt_len + a.max_new_tokens + 24)   # + y
-    layer_act = (10 * H + 4 * I) * cb + 2 * H * 4           # saved per token per layer, incl. fp32 norm inputs
-    act = micro_tokens * (s["layers"] * H * cb + layer_act if a.grad_checkpointing else s["layers"] * layer_act)
-    items = [("fp32 master weights", 4 * N / shards, state_on, "all"),
-             ("AdamW m and v (fp32)", 8 * N / shards, state_on, "all" if adam_state else "update"),
-             ("gradients (fp32)", 4 * N / shards, state_on, "score update"),
-             ("reference pi_0 (frozen)", cb * N, "gpu", "all"),
-             ("sampler replica", cb * N, "gpu", "all"),
-             ("KV cache", rows * length * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * cb, "gpu", "all"),
-             ("decode: prefill activations, logits, pick", rows * prompt_len * (8 * H + 3 * I) * cb + rows * V * 20,
-              "gpu", "sample"),
-             ("FSDP2 whole layers in flight", (2 * s["layer_n"] + N - s["layers"] * s["layer_n"]) * cb, "gpu",
-              "score update"),
-             ("activations of one micro-batch", act, "gpu", "score"),
-             ("log-prob chunk (fp32 logits + grad)", a.logprob_chunk * V * 12, "gpu", "score"),
-             ("checkpoint: full AdamW state on rank 0", 8 * N / local, "host", "save"),
-             ("runtime (Python, torch, data; measured)", runtime_gb * G, "host", "all")]
-    out = []
-    for item, nbytes, where, phases in items:
-        where = where if on_gpu else "host"
-        nbytes *= local if where == "host" else 1
-        out.append((item, nbytes / G if where == "gpu" else 0.0, nbytes / G if where == "host" else 0.0,
-                    PHASES if phases == "all" else tuple(phases.split())))
-    return out
-
-
-PHASES = ("sample", "score", "update", "save")
-
-
-def plan_peaks(rows: list) -> dict:
-    """{phase: (GB per GPU, GB of host memory)} of a plan."""
-    return {ph: (sum(r[1] for r in rows if ph in r[3]), sum(r[2] for r in rows if ph in r[3])) for ph in PHASES}
-
-
-def format_plan(rows: list, title: str, gpu_gb: float, host_gb: float, on_gpu: bool, local: int) -> str:
-    """The plan as one table: per GPU and per host (all of this machine's processes); on a CPU, host memory."""
-    cols = (lambda g, h: f"{g:9.2f} {h:9.2f}") if on_gpu else (lambda g, h: f"{h:9.2f}")
-    head = f"{'per GPU':>9s} {'per host':>9s}" if on_gpu else f"{'GB':>9s}"
-    lines = [title + ("" if on_gpu else " (a CPU run: all host memory)"),
-             f"  {'item':44s} {head}  live in"]
-    lines += [f"  {item:44s} {cols(g, h)}  {', '.join(ph)}" for item, g, h, ph in rows]
-    lines += [f"  {'peak while ' + ph:44s} {cols(g, h)}" for ph, (g, h) in plan_peaks(rows).items()]
-    lines.append(f"  available: {f'{gpu_gb:.1f} GB per GPU, ' if on_gpu else ''}{host_gb:.1f} GB of host memory"
-                 + (f" ({local} processes on this host)" if local > 1 else ""))
-    return "\n".join(lines)
-
-
-def host_memory_gb() -> float:
-    """Total memory of this machine (Linux /proc/meminfo, else sysconf)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return int(next(l for l in f if l.startswith("MemTotal")).split()[1]) / 2**20
-    except (OSError, StopIteration):
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def choose_layout(shape, args, world, device, prompt_len, runtime_gb):
-    """--parallel auto: the first layout whose plan fits (replicate, shard, offload); print its plan. Refuse
-    before any weights load when none fits, with the table and the single changes that would make it fit."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    on_gpu = device.type == "cuda" or bool(args.plan_only and args.gpu_memory_gb)   # planning for GPUs elsewhere
-    gpu_gb = args.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if on_gpu else 0)
-    host_gb = args.host_memory_gb or (args.gpu_memory_gb if not on_gpu and args.gpu_memory_gb else host_memory_gb())
-
-    plan = lambda a, mode: memory_plan(shape, a, world, mode, on_gpu, prompt_len, runtime_gb, local=local)
-
-    def fits(a, mode):  # 90%: room for the allocator's fragmentation and the CUDA context
-        peaks = plan_peaks(plan(a, mode)).values()
-        return max(g for g, _ in peaks) <= 0.9 * gpu_gb * on_gpu and max(h for _, h in peaks) <= 0.9 * host_gb
-    modes = [args.parallel] if args.parallel != "auto" else (["shard"] if world == 1 else ["replicate", "shard"]) + \
-        (["offload"] if on_gpu else [])
-    mode = next((m for m in modes if fits(args, m)), modes[-1])
-    title = (f"memory plan: {shape['n'] / 1e9:.2f} B parameters, {args.questions_per_rank * args.k} rows x "
-             f"({prompt_len} prompt + {args.max_new_tokens} tokens), --parallel {mode}")
-    print0(format_plan(plan(args, mode), title, gpu_gb, host_gb, on_gpu, local))
-    if fits(args, mode) or args.plan_only:
-        return mode
-    tries = [("--parallel offload", "offload", {})] if on_gpu and mode != "offload" else []
-    tries += [("--grad-checkpointing on", mode, {"grad_checkpointing": True}),
-              ("--micro-questions 1", mode, {"micro_questions": 1})]
-    tries += [(f"--questions-per-rank {q} --micro-questions 1", mode, {"questions_per_rank": q, "micro_questions": 1})
-              for q in range(args.questions_per_rank - 1, 0, -1)]
-    would = [flag for flag, m, change in tries if fits(argparse.Namespace(**{**vars(args), **change}), m)]
-    raise SystemExit(f"the memory plan above does not fit (--parallel {mode}); "
-                     + (f"it would fit with {' or with '.join(would[:3])}" if would else
-                        "no single change of --parallel, --grad-checkpointing, --micro-questions or "
-                        "--questions-per-rank makes it fit: use more GPUs, a smaller --k or --max-new-tokens"))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling: one engine for training rollouts, validation, the held-out rollouts and eval.py
-
-# The official stop list (trainer_config.stop_seqs), case-sensitive, matched on word boundaries in the text.
-TEMPLATE = re.compile(r"\b(?:Answer:|(?:So, |Therefore, )?[Tt]he answer is(?!\w)|so the final answer is(?!\w))")
-
-
-def question_uniforms(seed: int, step: int, question: int, k: int, length: int) -> torch.Tensor:
-    """(k, length) uniforms from the question's own stream: same rationales whatever the world size."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + question)
-    return torch.rand(k, length, generator=g, dtype=torch.float64)
-
-
-def pick_token(logits: torch.Tensor, u) -> torch.Tensor:
-    """(B, V) logits -> (B,) tokens: the inverse CDF of softmax(logits) at u (multinomial at temperature 1);
-    greedy (argmax) where u < 0, or everywhere when u is None. No host sync: it runs inside the graph."""
-    if u is None:
-        return logits.argmax(-1)
-    cdf = torch.softmax(logits.double(), -1).cumsum(-1)                             # (B, V)
-    drawn = torch.searchsorted(cdf, (u.clamp(min=0) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-    return torch.where(u < 0, logits.argmax(-1), drawn.clamp(max=logits.shape[-1] - 1))
-
-
-def template_cut(tok, ids: list, complete: bool = True):
-    """If the decoded text of `ids` holds an answer template, the index where z ends (before the token in which
-    the FIRST template starts); else None. A template at the very end of an unfinished text waits for one more
-    character ("The answer is" may still become "The answer isn't"), so stops do not depend on when they are
-    checked."""
-    text = tok.decode(ids)
-    m = TEMPLATE.search(text)
-    if m is None or (not complete and m.end() == len(text) and text[-1].isalnum()):
-        return None
-    cut = len(ids)
-    while cut > 0 and len(tok.decode(ids[:cut])) > m.start():   # the template's first token is not part of z
-        cut -= 1
-    return cut
-
-
-def stop_position(ids: list, start: int, stop: set, tok=None, final: bool = False):
-    """Where z ends if the row stopped within ids[start:], else None: at its first stop token, or earlier at the
-    first answer template (searched only when `tok` is given) of the text before that token."""
-    end = next((t for t in range(start, len(ids)) if ids[t] in stop), None)
-    cut = template_cut(tok, ids[:end], complete=end is not None or final) if tok is not None else None
-    return cut if cut is not None else end
-
-
-class KVCache:
-    """A static KV cache that the model's attention layers write through `update`: per layer one (B, Hkv, S, D)
-    key and value view into a flat buffer shared by every shape. `index` holds the columns the next forward
-    writes: arange(P) for the prefill, then a 1-element device tensor advanced in place by the decode step."""
-
-    def __init__(self, buf: torch.Tensor, B: int, S: int, heads: int, dim: int):
-        n = B * heads * S * dim
-        self.k = [buf[l, 0, :n].view(B, heads, S, dim) for l in range(buf.shape[0])]
-        self.v = [buf[l, 1, :n].view(B, heads, S, dim) for l in range(buf.shape[0])]
-        self.index = None
-
-    def update(self, key, value, layer_idx, **_):
-        self.k[layer_idx].index_copy_(2, self.index, key)
-        self.v[layer_idx].index_copy_(2, self.index, value)
-        return self.k[layer_idx], self.v[layer_idx]
-
-
-class RotaryTable(torch.nn.Module):
-    """Replaces a model's rotary embedding by a table indexed by position (as gpt-fast does): the same values,
-    computed once, and no data-dependent control flow (Phi-3's longrope) inside a captured decode step."""
-
-    def __init__(self, rotary, length: int, dtype, device):
-        super().__init__()
-        cos, sin = rotary(torch.zeros(1, dtype=dtype, device=device), torch.arange(length, device=device)[None])
-        self.register_buffer("cos", cos[0], persistent=False)   # (length, head_dim)
-        self.register_buffer("sin", sin[0], persistent=False)
-
-    def forward(self, x, position_ids):
-        return self.cos[position_ids], self.sin[position_ids]
-
-
-class Engine:
-    """The sampler. Holds a plain model (for training: the bf16 replica of the policy, refreshed in place), a KV
-    buffer sized once, and one decode state per bucketed shape (rows, prompt length, L). Each decode step is one
-    function of device tensors: the model forward over the newest token, the token pick at the row's uniform,
-    and the mask / position / cache-column updates. On a GPU it is compiled and captured once per shape as a
-    CUDA graph, then replayed for every token; on a CPU the same function runs eagerly (or compiled). Only the
-    stop check runs on the host, every `check_every` tokens."""
-
-    def __init__(self, lm, stop_ids, compile=False, graphs=False, prompt_bucket=64, row_bucket=8, check_every=8,
-                 attention="math"):
-        from torch.nn.attention import SDPBackend
-        self.lm, self.stop, self.graphs = lm, set(stop_ids), graphs
-        # decode attention: "math" lets Inductor write the one-query attention itself and fuse the mask into it
-        # (gpt-fast's choice); "auto" leaves SDPA to pick a fused kernel
-        self.backends = [SDPBackend.MATH] if attention == "math" else [
-            SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
-        # buckets keep the number of compiled / captured shapes small; an eager step runs any shape as it is
-        exact = not (compile or graphs)
-        self.prompt_bucket, self.row_bucket = (1, 1) if exact else (prompt_bucket, row_bucket)
-        self.check_every = check_every
-        cfg, p = lm.config, next(lm.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.layers, self.buf, self.states = cfg.num_hidden_layers, None, {}
-        self.max_len = min(getattr(cfg, "max_position_embeddings", 1 << 14), 1 << 14)
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        self.max_len = min(self.max_len, rope.get("original_max_position_embeddings") or self.max_len)
-        decoder = lm.get_decoder()
-        if hasattr(decoder, "rotary_emb") and not isinstance(decoder.rotary_emb, RotaryTable):
-            decoder.rotary_emb = RotaryTable(decoder.rotary_emb, self.max_len, self.dtype, self.device)
-        self.window = getattr(cfg, "sliding_window", None)
-        # one compiled function for every shape: dynamic=False specialises it per bucket (a handful per run)
-        if compile:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
-        self.pool = torch.cuda.graph_pool_handle() if graphs else None   # graphs of all shapes share memory
-
-    def reserve(self, rows: int, length: int):
-        """Allocate the KV buffer for `rows` x `length` tokens up front (it grows on demand otherwise)."""
-        need = round_up(rows, self.row_bucket) * self.kv_heads * length * self.head_dim
-        if self.buf is None or self.buf.shape[-1] < need:
-            self.buf, self.states = None, {}           # every view and graph of the old buffer goes with it
-            self.buf = torch.zeros(self.layers, 2, need, dtype=self.dtype, device=self.device)
-
-    def _state(self, B: int, P: int, L: int):
-        """The decode state of one shape: persistent tensors a captured graph reads and writes."""
-        key = (B, P, L)
-        if key not in self.states:
-            if len(self.states) >= 64 and not self.graphs:   # exact shapes: keep a bounded number of states
-                self.states.clear()
-            S, dev = P + L, self.device
-            self.reserve(B, S)
-            self.states[key] = SimpleNamespace(
-                cache=KVCache(self.buf, B, S, self.kv_heads, self.head_dim), graph=None,
-                token=torch.zeros(B, 1, dtype=torch.long, device=dev), pos=torch.zeros(B, 1, dtype=torch.long, device=dev),
-                col=torch.zeros(1, dtype=torch.long, device=dev), t=torch.zeros(1, dtype=torch.long, device=dev),
-                mask=torch.zeros(B, 1, 1, S, dtype=torch.bool, device=dev),
-                u=torch.zeros(B, L, dtype=torch.float64, device=dev), out=torch.zeros(B, L, dtype=torch.long, device=dev))
-        return self.states[key]
-
-    def _step(self, st):
-        """One decode step, device tensors only: token t-1 goes in at cache column `col`, token t comes out."""
-        from torch.nn.attention import sdpa_kernel
-        st.mask.index_fill_(3, st.col, True)                  # the new token's column becomes visible
-        with sdpa_kernel(self.backends):
-            logits = self.lm(input_ids=st.token, attention_mask=st.mask, position_ids=st.pos, cache=st.cache,
-                             use_cache=True).logits[:, -1]     # (B, V)
-        nxt = pick_token(logits.float(), st.u.index_select(1, st.t).squeeze(1))   # (B,)
-        st.out.index_copy_(1, st.t, nxt[:, None])
-        st.token.copy_(nxt[:, None])
-        st.pos.add_(1), st.col.add_(1), st.t.add_(1)
-
-    def _replay(self, st):
-        """Run the decode step: eagerly, or as the shape's CUDA graph (captured on first use)."""
-        if not self.graphs:
-            return self.step(st)
-        if st.graph is None:
-            saved = [x.clone() for x in (st.token, st.pos, st.col, st.t, st.mask)]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):                  # warm-up (and compilation) outside the capture
-                for _ in range(2):
-                    self.step(st)
-            torch.cuda.current_stream().wait_stream(side)
-            for x, y in zip((st.token, st.pos, st.col, st.t, st.mask), saved):
-                x.copy_(y)                                 # the warm-up's writes are overwritten before use
-            st.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(st.graph, pool=self.pool):
-                self.step(st)
-        st.graph.replay()
-
-    @torch.no_grad()
-    def generate(self, prompts: list, max_new: int, uniforms=None, tok=None):
-        """Decode from each prompt (token-id lists) until a stop token, the answer template (when `tok` is
-        given) or `max_new` tokens. uniforms (B, max_new) sample at T=1; None is greedy. Tokens drawn after a
-        row's stop are discarded, so the result does not depend on how often stops are checked. Returns
-        (generated id lists without the stop token or template, finished flags)."""
-        B0, dev = len(prompts), self.device
-        B = round_up(B0, self.row_bucket)                        # padded rows copy row 0 and are dropped
-        P = round_up(max(len(p) for p in prompts), self.prompt_bucket)
-        S = P + max_new
-        if S > self.max_len or (self.window and S > self.window):
-            raise SystemExit(f"prompt + --max-new-tokens = {S} tokens exceeds what the sampler supports for this "
-                             f"model ({min(self.max_len, self.window or self.max_len)})")
-        st = self._state(B, P, max_new)
-        ids = torch.full((B, P), self.lm.config.pad_token_id or 0, dtype=torch.long)
-        valid = torch.zeros(B, S, dtype=torch.bool)
-        for i, p in enumerate(prompts + [prompts[0]] * (B - B0)):   # left padding: prompts end at column P-1
-            ids[i, P - len(p):] = torch.tensor(p)
-            valid[i, P - len(p):P] = True
-        ids, valid = ids.to(dev), valid.to(dev)
-        # left padding: positions count real tokens only, or rows would depend on their padding
-        pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
-        # prefill: causal over the prompt, pads invisible; each query also sees itself (no empty softmax rows)
-        mask = torch.ones(P, S, dtype=torch.bool, device=dev).tril() & valid[:, None, :]
-        mask |= torch.eye(P, S, dtype=torch.bool, device=dev)
-        st.cache.index = torch.arange(P, device=dev)
-        logits = self.lm(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, cache=st.cache,
-                         use_cache=True, logits_to_keep=1).logits[:, -1]          # (B, V)
-        st.u.fill_(-1.0)                                                          # greedy unless a uniform is given
-        if uniforms is not None:
-            st.u[:B0].copy_(uniforms)
-        st.out[:, 0] = pick_token(logits.float(), st.u[:, 0])
-        st.token.copy_(st.out[:, :1]), st.pos.copy_(pos[:, -1:] + 1), st.mask.copy_(valid[:, None, None, :])
-        st.col.fill_(P), st.t.fill_(1)
-        st.cache.index = st.col
-        host = [[] for _ in range(B0)]          # the drawn ids on the host, extended at each stop check
-        length, finished, active = [max_new] * B0, [False] * B0, set(range(B0))
-        for t in range(max_new):
-            if (t + 1) % self.check_every == 0 or t == max_new - 1:
-                start, new = len(host[0]), st.out[:B0, len(host[0]):t + 1].tolist()
-                for i in range(B0):
-                    host[i] += new[i]
-                    cut = stop_position(host[i], start, self.stop, tok, final=t == max_new - 1) if i in active else None
-                    if cut is not None:
-                        length[i], finished[i] = cut, True
-                        active.discard(i)
-                if not active:                   # early exit: every row has stopped
-                    break
-            if t < max_new - 1:
-                self._replay(st)                 # draws token t+1
-        return [host[i][:length[i]] for i in range(B0)], finished
-
-
-def make_replica(ref_lm):
-    """The sampler's plain copy of the policy, in the compute dtype: no FSDP hooks, no autocast. At step 0 it
-    equals the frozen reference, so it starts as a copy of it."""
-    return copy.deepcopy(ref_lm).requires_grad_(False).eval()
-
-
-@torch.no_grad()
-def refresh_replica(replica, model):
-    """Copy the policy's current weights into the replica, in place, so its tensors never move (the captured
-    graphs stay valid). FSDP2 gathers one module at a time, already cast to the compute dtype."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-    dst, done = dict(replica.named_parameters()), set()
-    for prefix, module in model.named_modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        module.unshard()
-        for name, p in module.named_parameters(prefix=prefix):
-            name = name.removeprefix("lm.")                  # Scorer.lm.x -> x
-            if not isinstance(p, DTensor) and name in dst:  # this module's own parameters, now whole
-                dst[name].copy_(p)
-                done.add(name)
-        module.reshard()
-    assert done == set(dst), f"replica parameters not refreshed: {sorted(set(dst) - done)[:3]}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Scoring: one forward, log-probs at z and y positions only
+# 2. Scoring: log pi(z|x) and log pi(y|x+z) from one forward, log-probs at z and y positions only
 
 def _chunk_logprobs(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()                                                  # (M, V) upcast before softmax
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)   # (M,)
-
 
 class Scorer(torch.nn.Module):
     """Wraps a causal LM: forward(input_ids, attention_mask, target_mask) -> (B, T-1) log-probs of the
@@ -684,6 +143,12 @@ class Scorer(torch.nn.Module):
         out = hidden.new_zeros(sel.shape, dtype=torch.float32)               # (B, T-1)
         return out.masked_scatter(sel, torch.cat(parts)) if parts else out
 
+def score(scorer, ids, attn, z_mask, y_mask):
+    """(logp_z, logp_y): per-row SUMS of token log-probs over z and over y, from one forward."""
+    tok_logp = scorer(ids, attn, z_mask | y_mask)                             # (B, T-1)
+    logp_z = (tok_logp * z_mask[:, 1:]).sum(-1)                               # (B,)
+    logp_y = (tok_logp * y_mask[:, 1:]).sum(-1)                               # (B,)
+    return logp_z, logp_y
 
 def build_batch(prompt: list, zs: list, ys: list, pad_id: int):
     """Right-padded [x ; z ; y] rows and the masks of the z and y tokens (all (B, T))."""
@@ -699,7 +164,6 @@ def build_batch(prompt: list, zs: list, ys: list, pad_id: int):
         y_mask[i, P + Z:P + Z + len(y)] = True  # exactly the answer tokens, end-of-turn included
     return ids, attn.long(), z_mask, y_mask
 
-
 def answer_ids(tok, ex, z_ids: list, eot: str) -> list:
     """Token ids of y after z, tokenised IN CONTEXT: encode(decode(z) + sep + y) and keep what follows z, so
     that a SentencePiece model gets the "▁The" it would write there (encoding y alone can give an extra "▁" or
@@ -714,343 +178,46 @@ def answer_ids(tok, ex, z_ids: list, eot: str) -> list:
     anchor = enc("\n")
     return enc("\n" + y_text)[len(anchor):]
 
-
-def score(scorer, ids, attn, z_mask, y_mask):
-    """(logp_z, logp_y): per-row SUMS of token log-probs over z and over y, from one forward."""
-    tok_logp = scorer(ids, attn, z_mask | y_mask)                             # (B, T-1)
-    logp_z = (tok_logp * z_mask[:, 1:]).sum(-1)                               # (B,)
-    logp_y = (tok_logp * y_mask[:, 1:]).sum(-1)                               # (B,)
-    return logp_z, logp_y
-
-
 # ----------------------------------------------------------------------------------------------------------
-# The objective (paper Eq. 4)
+# 3. Sampling: z ~ pi(.|x) at temperature 1, cut at the end of turn or the first answer template (Sec. 4.3)
 
-def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """(N, K) -> (N, K): A_k = r_k - mean_{j != k} r_j (leave-one-out baseline)."""
-    K = rewards.shape[1]
-    baseline = (rewards.sum(1, keepdim=True) - rewards) / (K - 1)             # (N, K)
-    return rewards - baseline
+# The official stop list (trainer_config.stop_seqs), case-sensitive, matched on word boundaries in the text.
+TEMPLATE = re.compile(r"\b(?:Answer:|(?:So, |Therefore, )?[Tt]he answer is(?!\w)|so the final answer is(?!\w))")
 
+def question_uniforms(seed: int, step: int, question: int, k: int, length: int) -> torch.Tensor:
+    """(k, length) uniforms from the question's own stream: same rationales whatever the world size."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + question) % 2**63)
+    return torch.rand(k, length, generator=g, dtype=torch.float64)
 
-def latro_loss(logp_z, logp_z_ref, logp_y, finished, beta: float, sft_weight: float = 1.0, penalty: float = 2.0):
-    """All inputs (N, K); `finished` bool. Returns (loss, stats). The gradient of the loss is minus the
-    paper's estimator: 1/(NK) sum [A_k grad logp_z + w grad logp_y]."""
-    with torch.no_grad():
-        answer_reward = logp_y.detach()                                       # (N, K) log pi(y|x+z)
-        # non-stop penalty: gamma x mean answer reward of the same question (LATRO.md sec. 3, departure 1)
-        answer_reward = torch.where(finished, answer_reward, penalty * answer_reward.mean(1, keepdim=True))
-        kl = logp_z.detach() - logp_z_ref                                     # (N, K) k1 estimate of the KL
-        reward = answer_reward - beta * kl                                    # (N, K) self-reward r_k
-        advantage = rloo_advantages(reward)                                   # (N, K) A_k
-    objective = advantage * logp_z + sft_weight * logp_y                      # (N, K) REINFORCE + answer term
-    loss = -objective.mean()
-    stats = {"loss": loss.item(), "reward": reward.mean().item(), "logp_y": logp_y.detach().mean().item(),
-             "kl": kl.mean().item(), "elbo": (logp_y.detach() - beta * kl).mean().item(),
-             "unfinished": (~finished).float().mean().item(), "advantage_abs": advantage.abs().mean().item()}
-    return loss, stats
+def pick_token(logits: torch.Tensor, u) -> torch.Tensor:
+    """(B, V) logits -> (B,) tokens: the inverse CDF of softmax(logits) at u (multinomial at temperature 1);
+    greedy (argmax) where u < 0, or everywhere when u is None. No host sync: it runs inside the graph."""
+    if u is None:
+        return logits.argmax(-1)
+    cdf = torch.softmax(logits.double(), -1).cumsum(-1)                             # (B, V)
+    drawn = torch.searchsorted(cdf, (u.clamp(min=0) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    return torch.where(u < 0, logits.argmax(-1), drawn.clamp(max=logits.shape[-1] - 1))
 
+def template_cut(tok, ids: list, complete: bool = True):
+    """If the decoded text of `ids` holds an answer template, the index where z ends (before the token in which
+    the FIRST template starts); else None. A template at the very end of an unfinished text waits for one more
+    character ("The answer is" may still become "The answer isn't"), so stops do not depend on when they are
+    checked."""
+    text = tok.decode(ids)
+    m = TEMPLATE.search(text)
+    if m is None or (not complete and m.end() == len(text) and text[-1].isalnum()):
+        return None
+    cut = len(ids)
+    while cut > 0 and len(tok.decode(ids[:cut])) > m.start():   # the template's first token is not part of z
+        cut -= 1
+    return cut
 
-def lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear decay from lr to 0 over `steps`, no warm-up (paper Sec. 5.1)."""
-    return lr * max(0.0, 1.0 - step / steps)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data parallel plumbing
-
-def setup_distributed(device_flag=None):
-    """The torchrun idiom: RANK / WORLD_SIZE / LOCAL_RANK from the environment, nccl on GPUs and gloo on CPU,
-    one device per process. Without torchrun, a process group of one (FSDP2 needs a group even alone).
-    Returns (rank, world, device)."""
-    use_cuda = str(device_flag).startswith("cuda") or (device_flag is None and torch.cuda.is_available())
-    # gloo beside nccl: with --parallel offload some collectives (the gradient norm) see host tensors
-    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
-    if not dist.is_initialized():
-        if "RANK" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda and device_flag in (None, "cuda") else device_flag or "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def close_distributed():
-    """All ranks leave together: a rank that tears its group down while another still works can abort (gloo)."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def pick_dtype(flag: str, device) -> torch.dtype:
-    """--dtype auto: bf16 on GPUs, fp32 on CPUs (where bf16 is ~3x slower)."""
-    return torch.bfloat16 if flag == "bf16" or (flag == "auto" and device.type == "cuda") else torch.float32
-
-
-def wrap(scorer, mode: str, device, compute_dtype, world: int):
-    """FSDP2 in every mode, so that the policy computes with compute-dtype parameters cast from fp32 master
-    weights in exactly the same way everywhere (the reference is a compute-dtype model: at step 0 the KL is 0).
-    Per decoder layer + root; gradients reduced in fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
-    if mode == "replicate":   # a (world, 1) mesh: every rank holds everything, gradients are all-reduced (DDP)
-        kw["mesh"] = init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
-    if mode == "offload":     # sharded, and fp32 master weights, gradients and AdamW live on the host
-        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-    for layer in scorer.lm.get_decoder().layers:
-        fully_shard(layer, **kw)
-    return fully_shard(scorer, **kw)
-
-
-def all_sum(values: list, device) -> list:
-    """Sum a list of floats over ranks (one all_reduce, float64 so that sums of log-probs keep their digits)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def rank0_verdict(message):
-    """Raise on EVERY rank the error that rank 0 found (None: no error), so that no rank waits forever."""
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise SystemExit(box[0])
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n: int, seed: int, epoch: int) -> list:
-    """A seeded permutation of the n train rows for one epoch (cached: a step reads at most two epochs)."""
-    order = list(range(n))
-    random.Random(seed * 7919 + epoch).shuffle(order)
-    return order
-
-
-def global_questions(n_train: int, step: int, n: int, seed: int) -> list:
-    """Train indices of the `n` questions of a step: epochs of a seeded permutation, read in order. A function
-    of (seed, step) alone, so a resumed run reads the same questions without saving a data position."""
-    return [epoch_order(n_train, seed, pos // n_train)[pos % n_train] for pos in range(step * n, (step + 1) * n)]
-
-
-def train_state_gb(model, opt) -> float:
-    """GB of fp32 parameters + gradients + AdamW state held by THIS rank (local shards; host or device)."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
-    return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**30
-
-
-def reset_peak_memory(device):
-    """Start a phase's peak: the allocator's peak on a GPU, the process's peak RSS (Linux VmHWM) on a CPU."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # glibc keeps freed heap: give it back first, or a phase would inherit the last phase's peak
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # not Linux / glibc: the peak then covers the whole run so far
-
-
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return rss_gb(peak=True)
-
-
-def rss_gb(peak: bool = False) -> float:
-    """This process's resident memory (or its peak since the last reset), in GB."""
-    try:
-        with open("/proc/self/status") as f:
-            key = "VmHWM" if peak else "VmRSS"
-            return int(next(l for l in f if l.startswith(key)).split()[1]) / 2**20
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux-like KiB
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: never from non-finite weights, written under a temporary name and renamed into place
-
-def weights_finite(model, device) -> bool:
-    """All parameters finite, on every rank (a collective: each rank checks its shards)."""
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p
-    bad = sum(int(not torch.isfinite(local(p)).all()) for p in model.parameters())
-    return all_sum([bad], device)[0] == 0
-
-
-def check_disk(path: str, need_gb: float, what: str):
-    """The error message when the disk under `path` has less than `need_gb` free, else None."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    free = shutil.disk_usage(parent).free / 2**30
-    if free < need_gb:
-        return (f"cannot write {what} to {path}: it needs about {need_gb:.1f} GB and the disk has {free:.1f} GB free; "
-                f"the last good copy is kept")
-    return None
-
-
-def write_folder(path: str, parts: list, need_gb: float, what: str, master: bool):
-    """Write folder `path` as `path.tmp`, then swap it into place. Each part is a function (tmp, write) called on
-    EVERY rank, since it may gather full tensors (a collective), and writing on rank 0. The parts run one after
-    the other, so only one of them is gathered in host memory at a time. A failed write (disk full, permission)
-    removes the partial output, names the path and the space it needed, and stops every rank; the last good
-    copy is kept."""
-    tmp, error = path + ".tmp", None
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)  # a half-written leftover of a crash
-    for part in parts:
-        try:
-            part(tmp, master and error is None)
-        except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
-            if not master:
-                raise
-            error = error or (f"cannot write {what} to {path} (about {need_gb:.1f} GB): {str(e).splitlines()[0][:200]}"
-                              f"; the partial copy was removed and the last good one is kept")
-    if master and error:
-        shutil.rmtree(tmp, ignore_errors=True)
-    rank0_verdict(error)
-    if master:
-        swap_into_place(tmp, path)
-    dist.barrier()  # no rank runs ahead (and possibly crashes) before the folder is in place
-
-
-def swap_into_place(tmp: str, path: str):
-    """Replace folder `path` by the finished folder `tmp`: the last good copy survives a crash at any point."""
-    if os.path.exists(path):  # keep the last good one until the new one is in place
-        os.replace(path, path + ".old")
-    os.replace(tmp, path)  # atomic on one filesystem: `path` is always whole, or absent with .old whole
-    shutil.rmtree(path + ".old", ignore_errors=True)
-
-
-def save_model_part(model, tok, subdir: str = ""):
-    """A write_folder part: the policy's full fp32 weights in `save_pretrained` form (+ the tokenizer)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    def part(tmp, write):
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if write:
-            folder = os.path.join(tmp, subdir)
-            model.lm.save_pretrained(folder, state_dict={k.removeprefix("lm."): v for k, v in sd.items()})
-            tok.save_pretrained(folder)
-    return part
-
-
-def check_before_saving(path: str, model, need_gb: float, what: str, master: bool, device):
-    """Never write from non-finite weights, nor start a write the disk has no room for."""
-    if not weights_finite(model, device):   # a collective: every rank has the same answer
-        raise SystemExit(f"not writing {path}: the weights are not finite; the last good copy is kept")
-    rank0_verdict(check_disk(path, need_gb, what) if master else None)
-
-
-def save_checkpoint(path: str, model, opt, tok, state: dict, master: bool, device):
-    """model/ (save_pretrained, fp32 master weights), state.pt (AdamW, RNGs) and resume.json (step, best, the
-    flags that must match), as full (unsharded) tensors: it loads at any world size and in plain transformers."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    need = 12 * state["n_params"] / 2**30 * 1.05                      # fp32 weights + AdamW m, v
-    check_before_saving(path, model, need, "the checkpoint", master, device)
-
-    def optimizer_part(tmp, write):
-        sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if write:
-            torch.save({"optimizer": sd, "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()},
-                       os.path.join(tmp, "state.pt"))
-            with open(os.path.join(tmp, "resume.json"), "w") as f:   # read before any weights load
-                json.dump(state, f, indent=1)
-    write_folder(path, [save_model_part(model, tok, "model"), optimizer_part], need, "the checkpoint", master)
-
-
-def save_best(model, tok, path: str, master: bool, record: dict, n_params: int, device):
-    """The policy alone, in `save_pretrained` form, with the evaluation record that chose it in best.json."""
-    need = 4 * n_params / 2**30 * 1.05
-    check_before_saving(path, model, need, "the best model", master, device)
-
-    def record_part(tmp, write):
-        if write:
-            with open(os.path.join(tmp, "best.json"), "w") as f:
-                json.dump(record, f)
-    write_folder(path, [save_model_part(model, tok), record_part], need, "the best model", master)
-
-
-def find_checkpoint(out: str) -> str:
-    """OUT/checkpoint, or OUT/checkpoint.old when a crash came between the two renames."""
-    for p in (os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old")):
-        if all(os.path.isfile(os.path.join(p, f)) for f in ("state.pt", "resume.json")):
-            return p
-    raise SystemExit(f"--resume: no checkpoint in {out!r} (looked for checkpoint/ and checkpoint.old/)")
-
-
-def check_resume_config(saved: dict, args):
-    """Refuse a resume whose flags would change the run (the world size may change: the update does not)."""
-    bad = [f"--{k.replace('_', '-')}: run {getattr(args, k)!r} vs checkpoint {saved.get(k)!r}"
-           for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
-    if bad:
-        raise SystemExit("--resume: the checkpoint was written by a different run:\n  " + "\n  ".join(bad))
-
-
-def claim_run_folder(args, master: bool):
-    """A run folder belongs to one run: refuse one that holds a run unless --resume or --overwrite."""
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))] if master else []
-    message = None
-    if found and not args.resume and not args.overwrite:
-        message = (f"--out {args.out!r} already holds a run ({', '.join(found)}): pass --resume to continue it, "
-                   f"--overwrite to delete it and start again, or another --out")
-    rank0_verdict(message)
-    if found and args.overwrite and not args.resume and master:
-        print0(f"--overwrite: deleting {', '.join(os.path.join(args.out, f) for f in found)}")
-        for f in found:
-            p = os.path.join(args.out, f)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-
-
-def read_metrics(path: str, upto: int) -> list:
-    """The metric lines of a run up to step `upto`; a torn line (a crash mid-write) is dropped with a note."""
-    rows = []
-    for n, line in enumerate(open(path) if os.path.exists(path) else [], 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            print0(f"--resume: dropping the unreadable line {n} of {path} (a write cut short)")
-            continue
-        if row.get("step", 0) <= upto:
-            rows.append(row)
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Validation: greedy accuracy on the held-out slice, and the held-out self-reward
-
-@torch.no_grad()
-def validate(run) -> dict:
-    """Greedy accuracy on the validation slice (strided over ranks) and mean log pi(y|x+z) on the fixed held-out
-    rollouts. Both use the replica (the current policy in the compute dtype), which runs no collective, so any
-    number of questions over any number of ranks is fine; the sums are then added up once."""
-    a, tok, engine = run.args, run.tok, run.engine
-    mine = run.val[run.rank::run.world]
-    correct, batch = 0, a.questions_per_rank * a.k          # the training rollout's rows: the same decode graph
-    for i in range(0, len(mine), batch):
-        exs = mine[i:i + batch]
-        outs, _ = engine.generate(data.prompt_ids(tok, exs), a.eval_max_new_tokens)
-        correct += sum(data.is_correct(e, tok.decode(o, skip_special_tokens=True)) for e, o in zip(exs, outs))
-    # the held-out self-reward: same questions, same rationales at every evaluation, so its changes are the
-    # policy's alone (a learning curve free of sampling noise)
-    scorer, logp_y_sum, rows = Scorer(run.replica, a.logprob_chunk), 0.0, 0
-    for ids, attn, z_mask, y_mask in run.heldout[run.rank::run.world]:
-        _, logp_y = score(scorer, ids.to(run.device), attn.to(run.device), z_mask.to(run.device), y_mask.to(run.device))
-        logp_y_sum, rows = logp_y_sum + logp_y.sum().item(), rows + ids.shape[0]
-    correct, n, lsum, lcount = all_sum([correct, len(mine), logp_y_sum, rows], run.device)
-    rec = {"val_accuracy": correct / max(n, 1), "val_n": int(n)}
-    return rec | ({"heldout_logp_y": lsum / lcount} if lcount else {})
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One step on one rank
+def stop_position(ids: list, start: int, stop: set, tok=None, final: bool = False):
+    """Where z ends if the row stopped within ids[start:], else None: at its first stop token, or earlier at the
+    first answer template (searched only when `tok` is given) of the text before that token."""
+    end = next((t for t in range(start, len(ids)) if ids[t] in stop), None)
+    cut = template_cut(tok, ids[:end], complete=end is not None or final) if tok is not None else None
+    return cut if cut is not None else end
 
 def rollout(engine, tok, exs, qidx, step, args):
     """Sample K rationales per question; returns per question (prompt ids, z list, finished list)."""
@@ -1062,6 +229,8 @@ def rollout(engine, tok, exs, qidx, step, args):
     K = args.k
     return [(prompts[i * K], zs[i * K:(i + 1) * K], fin[i * K:(i + 1) * K]) for i in range(len(exs))]
 
+# ----------------------------------------------------------------------------------------------------------
+# 4. One step on one rank: sample, score, update
 
 def score_and_backward(run, exs, rolls):
     """Fused scoring and backward, micro-batch by micro-batch; returns summed stats over this rank."""
@@ -1096,267 +265,1196 @@ def score_and_backward(run, exs, rolls):
         sums["tokens"] = max(sums.get("tokens", 0), ids.numel())   # for the memory plan, not a metric
     return sums
 
-
 def train_step(run, step: int) -> dict:
-    """Sample, score, update: one LaTRO step. A step whose loss or gradient norm is not finite makes no update."""
-    a, dev, opt = run.args, run.device, run.opt
+    """Sample, score, update: one LaTRO step. A step whose loss or gradient norm is not finite makes no update.
+    A checkpoint asked for at the end of the previous step is written here, before this step's update: it is
+    then known to be good (the state it holds gave this step a finite loss and gradient)."""
+    a, dev, opt, meter = run.args, run.device, run.opt, run.meter
     for g in opt.param_groups:  # the schedule is a function of the step: nothing to restore on resume
         g["lr"] = lr_at(step, a.steps, a.lr)
     idx = global_questions(len(run.train), step, a.global_questions, a.seed)
     mine = list(range(run.rank, a.global_questions, run.world))   # positions in the step, strided by rank
     exs = [run.train[idx[q]] for q in mine]
-    peaks, times, had_state = {}, [time.time()], bool(opt.state)   # AdamW's m, v exist from the first update
-
-    def phase_end(name):
-        peaks[name] = peak_memory_gb(dev)
-        times.append(time.time())
-        reset_peak_memory(dev)
-
-    reset_peak_memory(dev)
+    meter.lap()
     rolls = rollout(run.engine, run.tok, exs, mine, step, a)        # phase 1: K rationales per question
-    phase_end("sample")
+    meter.lap("sample")
     sums = score_and_backward(run, exs, rolls)                       # phase 2: fused scoring, loss, backward
-    phase_end("score")
+    meter.lap("score")
     # the global gradient norm is logged every step; with --grad-clip 0 (paper) the max norm is infinite
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
     tokens = sums.pop("tokens")
-    keys = sorted(sums)   # every rank holds sums over its own rows: add them up, divide by the global rollouts
-    tot = dict(zip(keys, all_sum([sums[k] for k in keys], dev)))
+    keys = sorted(sums)   # every rank holds sums over its own rows: add them up, divide by the global rows
+    tot = {k: v / (a.global_questions * a.k) for k, v in zip(keys, all_sum([sums[k] for k in keys], dev))}
     finite = math.isfinite(norm) and math.isfinite(tot["loss"])
+    if finite and run.pending_save:                                  # the state before this update is good
+        save_checkpoint(run, step, confirmed=True)
     if finite:                                                       # phase 3: AdamW, then the replica follows
         opt.step()
         refresh_replica(run.replica, run.model)
     state_gb = train_state_gb(run.model, opt)
     opt.zero_grad(set_to_none=True)
-    phase_end("update")
-    n_rows = a.global_questions * a.k
-    # the plan at this step's shapes (its largest micro-batch), next to what each phase measured
-    plan = plan_peaks(run.plan(tokens=tokens, adam_state=had_state))
-    planned = {ph: g if dev.type == "cuda" else h for ph, (g, h) in plan.items()}
-    rec = {"step": step + 1, **{k: tot[k] / n_rows for k in keys}, "grad_norm": norm, "lr": opt.param_groups[0]["lr"],
-           "t_sample": times[1] - times[0], "t_score": times[2] - times[1], "t_update": times[3] - times[2],
-           "sample_tokens_per_s": tot["z_len"] / (times[1] - times[0]) / run.world, "train_state_gb": state_gb,
-           "decode_shapes": len(run.engine.states)}   # (rows, prompt bucket, L) shapes so far: one graph each
-    for ph in ("sample", "score", "update"):   # measured peak of each phase next to the plan's prediction
-        rec[f"peak_gb_{ph}"], rec[f"plan_gb_{ph}"] = peaks[ph], planned[ph]
-    if not finite:
-        rec["skipped"] = "non-finite loss or gradient norm: no update"
-    return rec
-
+    meter.lap("update")
+    rec = {"step": step + 1, **tot, "grad_norm": norm, "lr": opt.param_groups[0]["lr"], **meter.record(),
+           "sample_tokens_per_s": tot["z_len"] * a.global_questions * a.k / meter.seconds["sample"] / run.world,
+           "train_state_gb": state_gb, "decode_shapes": len(run.engine.states), "tokens": tokens,
+           "late_compiles": run.engine.late_compiles()}
+    return rec | ({} if finite else {"skipped": "non-finite loss or gradient norm: no update"})
 
 # ----------------------------------------------------------------------------------------------------------
-# The run: setup, bookkeeping, signals
+# 5. The loop: validation, the best checkpoint, and main
 
-class StopSignals:
-    """SIGINT and SIGTERM end the current step cleanly: the loop asks `agreed()` at each step boundary, where all
-    ranks agree (none is left waiting in a collective). SIGTERM, which clusters send before preemption, writes
-    a checkpoint first. A second Ctrl-C, later than 2 s after the first, stops at once."""
-
-    def __init__(self):
-        self.received, self.at = 0, 0.0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self.handle)
-
-    def handle(self, signum, frame):
-        if signum == signal.SIGINT and self.received and time.time() - self.at > 2:   # torchrun repeats a signal
-            raise KeyboardInterrupt
-        if not self.received:
-            print0(f"\n{signal.Signals(signum).name}: stopping at the end of this step"
-                   + (" with a checkpoint" if signum == signal.SIGTERM else " (Ctrl-C again: stop now)"))
-        self.received, self.at = max(self.received, signum), time.time()     # SIGTERM (15) outranks SIGINT (2)
-
-    def agreed(self, device) -> int:
-        t = torch.tensor([self.received], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-
-
-def load_data(args, world):
-    """Train and validation examples; every row checked, and the flags checked against them."""
-    try:
-        rows = data.load_split(args.dataset, "train")
-    except data.DataError as e:
-        raise SystemExit(f"--dataset {args.dataset!r}: {e}") from None
-    try:
-        train, val = data.split_validation(rows, args.val_size, args.seed)
-    except data.DataError as e:
-        raise SystemExit(f"{e} of {args.dataset}") from None
-    return train, val, resolve_defaults(args, train[0].task, world, len(train), len(val))
-
-
-def setup(args):
-    """Everything before the first step: data, the memory plan (before any weights load), the run folder,
-    models, the sampler, the optimizer, resume state and the held-out rollouts. None for --plan-only."""
-    rank, world, device = setup_distributed(args.device)
-    master = rank == 0
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    gpu = device.type == "cuda" or bool(args.plan_only and args.gpu_memory_gb)   # or planning for GPUs
-    dtype = pick_dtype(args.dtype, torch.device("cuda" if gpu else "cpu"))
-    args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"    # resolved, so that a resume can check it
-    auto = lambda flag: flag == "on" or (flag == "auto" and gpu)
-    args.grad_checkpointing, args.compile, args.cuda_graphs = map(auto, (args.grad_checkpointing, args.compile,
-                                                                          args.cuda_graphs))
-    if args.cuda_graphs and device.type != "cuda" and not args.plan_only:
-        raise SystemExit("--cuda-graphs on needs a GPU")
-    model_path(args.model)  # fail on a wrong path before any work
-    train, val, args = load_data(args, world)
-    tok = load_tokenizer(args.model)
-    prompt_len = round_up(max(len(p) for p in data.prompt_ids(tok, train + val)), args.prompt_bucket)
-    shape = model_shape(load_config(args.model))
-    runtime_gb = rss_gb()                          # Python, torch, tokenizer and data: measured, not guessed
-    args.parallel = choose_layout(shape, args, world, device, prompt_len, runtime_gb)
-    if args.plan_only:
-        return None
-    claim_run_folder(args, master)
-    ckpt = find_checkpoint(args.out) if args.resume else None
-    resume = json.load(open(os.path.join(ckpt, "resume.json"))) if ckpt else None
-    if resume:
-        check_resume_config(resume["config"], args)                # before any weights load
-
-    # models: the policy keeps fp32 master weights (at lr 5e-7 a bf16 weight would round the update away);
-    # pi_0 is always the STARTING model (also on resume) in the compute dtype, so at step 0 the KL is exactly 0
-    lm = load_model(os.path.join(ckpt, "model") if ckpt else args.model, torch.float32,
-                    "cpu" if args.parallel == "offload" else device)
-    if args.grad_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = wrap(Scorer(lm, args.logprob_chunk), args.parallel, device, dtype, world)   # sharded before the rest
-    with torch.no_grad():  # FSDP2 picks its root on the first forward: make it go through the root
-        one = torch.ones(1, 2, dtype=torch.long, device=device)
-        model(one, one, one.bool())
-    model.reshard()        # the root keeps its parameters whole after a forward: AdamW must get the shards
-    ref_lm = load_model(args.model, dtype, device).requires_grad_(False)
-    replica = make_replica(ref_lm)
-    engine = Engine(replica, stop_token_ids(tok, lm), compile=args.compile, graphs=args.cuda_graphs,
-                    prompt_bucket=args.prompt_bucket, row_bucket=args.row_bucket, check_every=args.stop_check_every,
-                    attention=args.decode_attention)
-    engine.reserve(args.questions_per_rank * args.k, prompt_len + max(args.max_new_tokens, args.eval_max_new_tokens))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    run = SimpleNamespace(args=args, rank=rank, world=world, device=device, master=master, tok=tok, train=train,
-                          val=val, model=model, ref=Scorer(ref_lm, args.logprob_chunk), replica=replica,
-                          engine=engine, opt=opt, eot=data.end_of_turn(tok), n_params=shape["n"], start=0,
-                          best=None, plan=functools.partial(memory_plan, shape, args, world, args.parallel,
-                                                            device.type == "cuda", prompt_len, runtime_gb),
-                          metrics=os.path.join(args.out, "metrics.jsonl"))
-    # held-out self-reward: rationales sampled once from the initial model (the replica still equals pi_0, also
-    # after a resume) for a few validation questions; their log pi(y|x+z) is tracked at every evaluation
-    held, q = val[:args.heldout_questions], args.questions_per_rank
-    rolls = [r for i in range(0, len(held), q)   # as many rows at once as a training rollout: the same KV buffer
-             for r in rollout(engine, tok, held[i:i + q], range(i, min(i + q, len(held))), -1, args)]
-    run.heldout = [build_batch(p, zs, [answer_ids(tok, e, z, run.eot) for z in zs], tok.pad_token_id)
-                   for e, (p, zs, _) in zip(held, rolls)]
-    if resume:
-        restore(run, ckpt, resume)
-    config = dict(vars(args), world=world, task=train[0].task, n_params=shape["n"], n_train=len(train),
-                  n_val=len(val))
-    print0(json.dumps(config, indent=1))
-    if master and not resume:   # a resumed run keeps the config it started with
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-    run.config = {k: config[k] for k in RESUME_KEYS}
-    return run
-
-
-def restore(run, ckpt: str, resume: dict):
-    """Weights came from the checkpoint folder; now AdamW state, RNGs, the step and the best record."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(run.model, run.opt, optim_state_dict=state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
-    torch.set_rng_state(state["rng_torch"])
-    random.setstate(state["rng_python"])
-    refresh_replica(run.replica, run.model)
-    run.start, run.best = resume["step"], resume["best"]
-    if run.master:  # drop rows logged after the checkpoint was written (and a torn last line)
-        rows = read_metrics(run.metrics, run.start)
-        with open(run.metrics, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    print0(f"resumed from {ckpt} at step {run.start}")
-
-
-def log(run, rec: dict):
-    """One JSON line per step / evaluation; tqdm.write keeps the progress bar intact."""
-    if run.master:
-        tqdm.write(json.dumps(rec))
-        with open(run.metrics, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
+@torch.no_grad()
+def validate(run) -> dict:
+    """Greedy accuracy on the validation slice (strided over ranks) and mean log pi(y|x+z) on the fixed held-out
+    rollouts. Both use the replica (the current policy in the compute dtype), which runs no collective, so any
+    number of questions over any number of ranks is fine; the sums are then added up once."""
+    a, tok, engine = run.args, run.tok, run.engine
+    mine = run.val[run.rank::run.world]
+    correct, batch = 0, a.questions_per_rank * a.k          # the training rollout's rows: the same decode graph
+    for i in tqdm(range(0, len(mine), batch), desc="validation", leave=False, disable=not run.master):
+        exs = mine[i:i + batch]
+        outs, _ = engine.generate(data.prompt_ids(tok, exs), a.eval_max_new_tokens)
+        correct += sum(data.is_correct(e, tok.decode(o, skip_special_tokens=True)) for e, o in zip(exs, outs))
+    # the held-out self-reward: same questions, same rationales at every evaluation, so its changes are the
+    # policy's alone (a learning curve free of sampling noise)
+    scorer, logp_y_sum, rows = Scorer(run.replica, LOGPROB_CHUNK), 0.0, 0
+    for ids, attn, z_mask, y_mask in run.heldout[run.rank::run.world]:
+        _, logp_y = score(scorer, ids.to(run.device), attn.to(run.device), z_mask.to(run.device), y_mask.to(run.device))
+        logp_y_sum, rows = logp_y_sum + logp_y.sum().item(), rows + ids.shape[0]
+    correct, n, lsum, lcount = all_sum([correct, len(mine), logp_y_sum, rows], run.device)
+    rec = {"val_accuracy": correct / max(n, 1), "val_n": int(n)}
+    return rec | ({"heldout_logp_y": lsum / lcount} if lcount else {})
 
 def evaluate_and_keep_best(run, step: int):
     """Validate; OUT/best follows the best accuracy. Ties (common with a small slice or a weak model) go to the
     higher held-out log pi(y|x+z), or without held-out questions to the later step: the trained model."""
     rec = {"step": step, **validate(run)}
-    log(run, rec)
+    log(run, rec, f"step {step:4d} | validation accuracy {rec['val_accuracy']:.3f} of {rec['val_n']}"
+        + (f" | held-out log pi(y|x+z) {rec['heldout_logp_y']:.2f}" if "heldout_logp_y" in rec else ""))
     key = [rec["val_accuracy"], rec.get("heldout_logp_y", step)]
     if run.best is None or key > run.best["key"]:
         run.best = {"key": key, "step": step, "val_accuracy": rec["val_accuracy"]}
-        save_best(run.model, run.tok, os.path.join(run.args.out, "best"), run.master, rec, run.n_params, run.device)
-
-
-def save(run, done: int):
-    save_checkpoint(os.path.join(run.args.out, "checkpoint"), run.model, run.opt, run.tok,
-                    {"step": done, "best": run.best, "config": run.config, "n_params": run.n_params},
-                    run.master, run.device)
-    run.saved = done
-
-
-def summary(run, done: int, last: dict, why: str):
-    """The last words of a run: how far it got, its final metrics, and where its models are."""
-    a = run.args
-    print0(f"{why}: {done} of {a.steps} steps")
-    if last:
-        print0("final: " + ", ".join(f"{k} {last[k]:.4g}" for k in ("reward", "logp_y", "kl", "unfinished",
-                                                                     "grad_norm") if k in last))
-    if run.best:
-        print0(f"best: {os.path.join(a.out, 'best')} (val_accuracy {run.best['val_accuracy']:.4g} at step "
-               f"{run.best['step']})")
-    saved = getattr(run, "saved", None) or run.start
-    print0(f"checkpoint: {os.path.join(a.out, 'checkpoint')} (step {saved}; continue with --resume)" if saved else
-           "checkpoint: none written (SIGTERM, --save-every or the last step write one)")
-
+        save_best(run, rec)
 
 def main(argv=None):
     args = get_args(argv)
     signals = StopSignals()
-    run = setup(args)
-    if run is None:                                                  # --plan-only
+    run = setup(args)                                                # data, plan, models, engine, resume
+    if run is None:                                                  # --plan-only, or a finished run
         return close_distributed()
-    a, last, bad, why = run.args, {}, 0, "done"
+    a, bad, why, done = run.args, 0, "done", run.start
     if a.eval_every and run.val and run.start == 0:
         evaluate_and_keep_best(run, 0)
-    bar = tqdm(range(run.start, a.steps), disable=not run.master, desc="latro", initial=run.start, total=a.steps)
-    done = run.start
-    for step in bar:
+    for step in range(run.start, a.steps):
         rec = train_step(run, step)                                  # sample, score, update
-        log(run, rec)
-        done, last = step + 1, rec
-        bar.set_postfix(reward=f"{rec['reward']:.2f}", logp_y=f"{rec['logp_y']:.2f}", kl=f"{rec['kl']:.3f}")
+        done = step + 1
+        log(run, rec, f"step {done:4d} | reward {rec['reward']:8.2f} | log pi(y|x+z) {rec['logp_y']:7.2f} | KL "
+            f"{rec['kl']:6.3f} | unfinished {rec['unfinished']:.2f} | {rec['seconds']:.0f} s"
+            + (" | SKIPPED: non-finite" if "skipped" in rec else ""))
         bad = bad + 1 if "skipped" in rec else 0
-        if bad >= a.max_bad_steps:
-            raise SystemExit(f"{bad} steps in a row (the last: step {done}) had a non-finite loss or gradient norm "
-                             f"and made no update; stopping. The last good checkpoint is kept; try a lower --lr")
+        if bad >= MAX_BAD_STEPS:
+            stop_diverged(run, first_bad=done - bad + 1, last=rec)    # rolls checkpoint/ back, exits 1
         if a.eval_every and run.val and (done % a.eval_every == 0 or done == a.steps):
             evaluate_and_keep_best(run, done)
-        sig = signals.agreed(run.device)
-        if (a.save_every and done % a.save_every == 0) or done in (a.steps, a.stop_after) or sig == signal.SIGTERM:
-            save(run, done)
-        if sig or done == a.stop_after:
-            why = signal.Signals(sig).name if sig else "stopped (--stop-after)"
+        sig = stop_requested(run, signals)                           # all ranks agree (signals, failed writes)
+        due, end = a.save_every and done % a.save_every == 0, done in (a.steps, a.stop_after) or sig
+        if end and (due or sig == signal.SIGTERM or done in (a.steps, a.stop_after)):
+            save_checkpoint(run, done, confirmed=False)              # no next step is left to confirm it
+        elif due:   # a periodic checkpoint waits for the next step's loss to confirm it (see train_step)
+            run.pending_save = True
+        if end:
+            why = signal.Signals(sig).name if sig else ("done" if done == a.steps else "stopped (--stop-after)")
             break
-    bar.close()
-    summary(run, done, last, why)
+    summary(run, done, why)
     close_distributed()
     if signals.received:          # the conventional status of a process ended by a signal: 130 / 143
         raise SystemExit(128 + signals.received)
 
+# ==========================================================================================================
+# The machinery: everything below keeps the method above fast and safe at scale. The algorithm is complete
+# without it; read on to see how sampling is made fast, how models load, and how a run survives.
+# ==========================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. The engine: one decode step per token, compiled and captured once per shape
+
+PROMPT_BUCKET = 64      # compiled / captured, prompt lengths are padded to a multiple of this (a few shapes a run)
+ROW_BUCKET = 8          # ... and rows to a multiple of this
+STOP_CHECK_EVERY = 8    # decode steps between stop checks (each is one host sync)
+
+class KVCache:
+    """A static KV cache that the attention layers write through `update`: per layer a (B, Hkv, S, D) key and
+    value view into one flat buffer shared by every shape. `index`: the columns the next forward writes."""
+
+    def __init__(self, buf: torch.Tensor, B: int, S: int, heads: int, dim: int):
+        view = lambda l, kv: buf[l, kv, :B * heads * S * dim].view(B, heads, S, dim)
+        self.k, self.v, self.index = [view(l, 0) for l in range(len(buf))], [view(l, 1) for l in range(len(buf))], None
+
+    def update(self, key, value, layer_idx, **_):
+        self.k[layer_idx].index_copy_(2, self.index, key)
+        self.v[layer_idx].index_copy_(2, self.index, value)
+        return self.k[layer_idx], self.v[layer_idx]
+
+class RotaryTable(torch.nn.Module):
+    """A model's rotary embedding as a table indexed by position (as gpt-fast does): the same values, computed
+    once, and no data-dependent control flow (Phi-3's longrope) inside a captured decode step."""
+
+    def __init__(self, rotary, length: int, dtype, device):
+        super().__init__()
+        cos, sin = rotary(torch.zeros(1, dtype=dtype, device=device), torch.arange(length, device=device)[None])
+        self.register_buffer("cos", cos[0], persistent=False)   # (length, head_dim)
+        self.register_buffer("sin", sin[0], persistent=False)
+
+    def forward(self, x, position_ids):
+        return self.cos[position_ids], self.sin[position_ids]
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """The engine's attention (registered with transformers as "latro"). One new token per row reads the KV
+    cache once: its H query heads are folded onto the Hkv cache heads as (B, Hkv, H/Hkv, D), so grouped-query
+    models (Llama-3-8B: 32 / 8) never copy K or V per query head, as transformers' SDPA path does (`repeat_kv`)
+    under torch.compile or with a mask on CUDA. Products in the compute dtype (fp32 accumulation inside the
+    matmul), the softmax in fp32. Prompts (T > 1) go to SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    B, H, T, D = query.shape
+    if T > 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    Hkv = key.shape[1]
+    q = query.view(B, Hkv, H // Hkv, D)                                  # a KV head's query heads, together
+    scores = torch.matmul(q, key.transpose(2, 3)).float() * (scaling or D ** -0.5)   # (B, Hkv, H/Hkv, S)
+    scores = scores.masked_fill(~attention_mask, float("-inf"))          # mask (B, 1, 1, S): True = visible
+    out = torch.matmul(torch.softmax(scores, -1).to(value.dtype), value)   # (B, Hkv, H/Hkv, D)
+    return out.reshape(B, 1, H, D), None                                  # (B, T, H, D), as HF expects
+
+class Engine:
+    """The sampler: a plain model (in training, the bf16 replica of the policy, refreshed in place), a KV buffer
+    sized once, and one decode state per bucketed shape (rows, prompt length, L). A decode step is one function
+    of device tensors: the forward over the newest token, the token pick at the row's uniform, and the mask /
+    position / cache-column updates; on a GPU it is compiled and captured once per shape as a CUDA graph, then
+    replayed for every token. `prepare` does that for every shape of a run before its first step. Only the stop
+    check runs on the host, every STOP_CHECK_EVERY tokens."""
+
+    def __init__(self, lm, stop_ids, compile=False, graphs=False):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionInterface.register("latro", decode_attention)
+        AttentionMaskInterface.register("latro", sdpa_mask)   # full-sequence forwards (held-out scoring): SDPA's
+        if hasattr(lm, "set_attn_implementation"):   # whatever the config asks: eager ADDS a bool mask, flash has none
+            lm.set_attn_implementation("latro")
+        self.lm, self.stop, self.compiled, self.graphs = lm, set(stop_ids), compile, graphs
+        # buckets keep the number of compiled / captured shapes small; an eager step runs any shape as it is
+        self.prompt_bucket, self.row_bucket = (PROMPT_BUCKET, ROW_BUCKET) if compile or graphs else (1, 1)
+        cfg, p = lm.config, next(lm.parameters())
+        self.device, self.dtype, self.layers = p.device, p.dtype, cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.buf, self.states, self.prepared, self.max_len = None, {}, None, context_length(cfg)
+        decoder = lm.get_decoder()
+        if hasattr(decoder, "rotary_emb") and not isinstance(decoder.rotary_emb, RotaryTable):
+            decoder.rotary_emb = RotaryTable(decoder.rotary_emb, self.max_len, self.dtype, self.device)
+        if compile:   # one compiled function: dynamic=False specialises it per bucketed shape (a handful per run)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None   # graphs of all shapes share memory
+
+    def shape(self, rows: int, longest_prompt: int, max_new: int) -> tuple:
+        """The decode state (rows, prompt columns, L) of a batch; a bucket never pushes a fitting prompt out."""
+        P = min(round_up(longest_prompt, self.prompt_bucket), max(longest_prompt, self.max_len - max_new))
+        return round_up(rows, self.row_bucket), P, max_new
+
+    def reserve(self, rows: int, length: int):
+        """Allocate the KV buffer for `rows` x `length` tokens up front (it grows on demand otherwise)."""
+        need = round_up(rows, self.row_bucket) * self.kv_heads * length * self.head_dim
+        if self.buf is None or self.buf.shape[-1] < need:
+            self.buf, self.states = None, {}           # every view and graph of the old buffer goes with it
+            self.buf = torch.zeros(self.layers, 2, need, dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def prepare(self, shapes) -> float:
+        """Compile and capture every decode shape of a run before it starts: nothing compiles mid-run, where one
+        rank would compile for minutes while the others wait in a collective. Returns the seconds it took."""
+        t0 = time.time()
+        if shapes:   # the KV buffer for the largest shape first: a bigger one later would drop every graph
+            B, P, L = max(shapes, key=lambda s: s[0] * (s[1] + s[2]))
+            self.reserve(B, P + L)
+        for B, P, L in sorted(shapes):
+            self.phase = "compile"
+            try:
+                self._state(B, P, L)
+            except Exception as e:   # Inductor, Triton and CUDA raise many types: all mean "this mode fails here"
+                flag = "--cuda-graphs off" if self.phase == "capture" else "--compile off"
+                raise SystemExit(f"the sampler's decode step failed to {self.phase} for {B} rows x ({P} + {L}) "
+                                 f"tokens ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {flag} turns that "
+                                 f"part off") from None
+        self.prepared = self.late_compiles()
+        return time.time() - t0
+
+    def late_compiles(self) -> int:
+        """Compilations (dynamo's own count) and captures since `prepare`: a run should have none."""
+        n = len(self.states) * self.graphs + torch._dynamo.utils.counters["stats"]["unique_graphs"] * self.compiled
+        return n - (self.prepared or 0)
+
+    def _state(self, B: int, P: int, L: int):
+        """The decode state of one shape: the persistent tensors a captured graph reads and writes, warmed up."""
+        if (B, P, L) not in self.states:
+            if len(self.states) >= 64 and not (self.graphs or self.compiled):   # eager: a bounded cache of shapes
+                self.states.clear()
+            if self.prepared is not None and (self.graphs or self.compiled):
+                print(f"warning: decode shape {B, P, L} compiles mid-run (see late_compiles)", file=sys.stderr)
+            self.reserve(B, P + L)
+            z = lambda *s, dt=torch.long: torch.zeros(*s, dtype=dt, device=self.device)
+            st = SimpleNamespace(cache=KVCache(self.buf, B, P + L, self.kv_heads, self.head_dim), graph=None,
+                                 token=z(B, 1), pos=z(B, 1), col=z(1), t=z(1), mask=z(B, 1, 1, P + L, dt=torch.bool),
+                                 u=z(B, L, dt=torch.float64), out=z(B, L))
+            self._warm_up(st)
+            self.states[B, P, L] = st
+        return self.states[B, P, L]
+
+    def _warm_up(self, st):
+        """Run the decode step before use (compiling it), then capture it as a CUDA graph. Each warm-up step
+        starts at token 0, so it reads u[:, 0] and writes out[:, 0] whatever L is (`generate` rewrites the whole
+        state and the cache). Eager runs one warm-up step: the same bookkeeping, checked by the tests."""
+        st.cache.index, side = st.col, torch.cuda.Stream() if self.graphs else None
+        for _ in range(2 if self.compiled or self.graphs else 1):
+            st.t.zero_(), st.col.zero_(), st.mask[..., 0].fill_(True)
+            if side is not None:   # warm-up on a side stream, as CUDA-graph capture requires
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.step(st)
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                self.step(st)
+        if self.graphs:
+            self.phase, st.graph = "capture", torch.cuda.CUDAGraph()
+            with torch.cuda.graph(st.graph, pool=self.pool):
+                self.step(st)
+
+    def _step(self, st):
+        """One decode step, device tensors only: token t-1 goes in at cache column `col`, token t comes out."""
+        st.mask.index_fill_(3, st.col, True)                  # the new token's column becomes visible
+        logits = self.lm(input_ids=st.token, attention_mask=st.mask, position_ids=st.pos, cache=st.cache,
+                         use_cache=True).logits[:, -1]         # (B, V)
+        nxt = pick_token(logits.float(), st.u.index_select(1, st.t).squeeze(1))   # (B,)
+        st.out.index_copy_(1, st.t, nxt[:, None])
+        st.token.copy_(nxt[:, None])
+        st.pos.add_(1), st.col.add_(1), st.t.add_(1)
+
+    def _prefill(self, st, prompts: list, B: int, P: int, S: int, uniforms):
+        """Left-padded prompts through the model in one forward; the first token drawn; the state set up."""
+        dev, B0 = self.device, len(prompts)
+        ids = torch.full((B, P), self.lm.config.pad_token_id or 0, dtype=torch.long)
+        valid = torch.zeros(B, S, dtype=torch.bool)
+        for i, p in enumerate(prompts + [prompts[0]] * (B - B0)):   # padded rows copy row 0 and are dropped
+            ids[i, P - len(p):] = torch.tensor(p)                   # left padding: prompts end at column P-1
+            valid[i, P - len(p):P] = True
+        ids, valid = ids.to(dev), valid.to(dev)
+        # left padding: positions count real tokens only, or rows would depend on their padding
+        pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
+        # prefill: causal over the prompt, pads invisible; each query also sees itself (no empty softmax rows)
+        mask = torch.ones(P, S, dtype=torch.bool, device=dev).tril() & valid[:, None, :]
+        mask |= torch.eye(P, S, dtype=torch.bool, device=dev)
+        st.cache.index = torch.arange(P, device=dev)
+        logits = self.lm(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, cache=st.cache,
+                         use_cache=True, logits_to_keep=1).logits[:, -1]          # (B, V)
+        st.u.fill_(-1.0)                                                          # greedy unless a uniform is given
+        if uniforms is not None:
+            st.u[:B0].copy_(uniforms)
+        st.out[:, 0] = pick_token(logits.float(), st.u[:, 0])
+        st.token.copy_(st.out[:, :1]), st.pos.copy_(pos[:, -1:] + 1), st.mask.copy_(valid[:, None, None, :])
+        st.col.fill_(P), st.t.fill_(1)
+        st.cache.index = st.col
+
+    @torch.no_grad()
+    def generate(self, prompts: list, max_new: int, uniforms=None, tok=None):
+        """Decode from each prompt (token-id lists) until a stop token, the answer template (when `tok` is
+        given) or `max_new` tokens. uniforms (B, max_new) sample at T=1; None is greedy. Tokens drawn after a
+        row's stop are discarded, so the result does not depend on how often stops are checked. Returns
+        (generated id lists without the stop token or template, finished flags)."""
+        B0 = len(prompts)
+        B, P, L = self.shape(B0, max(len(p) for p in prompts), max_new)
+        if P + L > self.max_len:
+            raise SystemExit(f"prompt + --max-new-tokens = {P + L} tokens exceeds this model's context ({self.max_len})")
+        st = self._state(B, P, L)
+        self._prefill(st, prompts, B, P, P + L, uniforms)
+        host = [[] for _ in range(B0)]          # the drawn ids on the host, extended at each stop check
+        length, finished, active = [max_new] * B0, [False] * B0, set(range(B0))
+        for t in range(max_new):
+            if (t + 1) % STOP_CHECK_EVERY == 0 or t == max_new - 1:
+                start, new = len(host[0]), st.out[:B0, len(host[0]):t + 1].tolist()
+                for i in range(B0):
+                    host[i] += new[i]
+                    cut = stop_position(host[i], start, self.stop, tok, final=t == max_new - 1) if i in active else None
+                    if cut is not None:
+                        length[i], finished[i] = cut, True
+                        active.discard(i)
+                if not active:                   # early exit: every row has stopped
+                    break
+            if t < max_new - 1:
+                st.graph.replay() if st.graph is not None else self.step(st)   # draws token t+1
+        return [host[i][:length[i]] for i in range(B0)], finished
+
+def make_replica(ref_lm):
+    """The sampler's plain copy of the policy in the compute dtype (no FSDP hooks, no autocast): at step 0 it
+    equals the frozen reference, so it starts as a copy of it."""
+    return copy.deepcopy(ref_lm).requires_grad_(False).eval()
+
+@torch.no_grad()
+def refresh_replica(replica, model):
+    """Copy the policy's current weights into the replica, in place, so its tensors never move (the captured
+    graphs stay valid). FSDP2 gathers one module at a time, already cast to the compute dtype."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    dst, done = dict(replica.named_parameters()), set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            for name, p in module.named_parameters(prefix=prefix):
+                name = name.removeprefix("lm.")                  # Scorer.lm.x -> x
+                if not isinstance(p, DTensor) and name in dst:  # this module's own parameters, now whole
+                    dst[name].copy_(p), done.add(name)
+            module.reshard()
+    assert done == set(dst), f"replica parameters not refreshed: {sorted(set(dst) - done)[:3]}"
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Models: paths, tokenizers, and loading on rank 0 alone (the other ranks receive their part)
+
+def model_path(name: str) -> str:
+    """A local model folder (with a model's config.json) or a hub id; a run folder points to its models."""
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path) and not name.startswith((".", "/", "~")):
+        return name  # a hub id never starts like a path
+    if not os.path.isdir(path):
+        raise SystemExit(f"--model {name!r}: no such folder")
+    try:
+        if "model_type" in json.load(open(os.path.join(path, "config.json"))):
+            return path
+    except (OSError, ValueError):
+        pass
+    inside = [os.path.join(path, d) for d in ("best", "model", "checkpoint/model") if os.path.isdir(os.path.join(path, d))]
+    raise SystemExit(f"--model {name!r}: this folder has no config.json of a model, so it is not a model"
+                     + " (it is a latro.py run folder)" * os.path.isfile(os.path.join(path, "metrics.jsonl"))
+                     + (f"; the models in it are {' and '.join(inside)}" if inside else ""))
+
+def load_config(name: str):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(model_path(name))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {name!r}: cannot read its config ({type(e).__name__}: {str(e)[:300]})") from None
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path(name))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {name!r}: cannot load its tokenizer ({type(e).__name__}: {str(e)[:300]})") from None
+    if tok.pad_token_id is None and tok.eos_token_id is None:
+        raise SystemExit(f"--model {name!r}: its tokenizer has neither an eos nor a pad token, so rationales cannot "
+                         f"end and rows cannot be padded; set eos_token in its tokenizer_config.json")
+    tok.pad_token = tok.pad_token or tok.eos_token   # pad == eos here: masks, not token ids, decide what is padding
+    return tok
+
+def stop_token_ids(tok, name: str) -> list:
+    """Ids that end a turn: the chat template's end of turn, the eos, the generation config's (Llama-3: several)."""
+    from transformers import GenerationConfig
+    try:
+        eos = GenerationConfig.from_pretrained(model_path(name)).eos_token_id
+    except (OSError, ValueError):
+        eos = None
+    ids = {tok.eos_token_id, tok.convert_tokens_to_ids(data.end_of_turn(tok))} | set(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+def context_length(cfg) -> int:
+    """Positions the sampler and the scorer may use: the trained context (before rope scaling), the sliding
+    window, and at most 16k (the rotary table's size)."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    limits = [getattr(cfg, "max_position_embeddings", None), rope.get("original_max_position_embeddings"),
+              getattr(cfg, "sliding_window", None), 1 << 14]
+    return min(n for n in limits if n)
+
+def check_lengths(tok, examples: list, lengths: list, max_new: int, limit: int, answer: bool):
+    """Every prompt must fit the context with L new tokens (and y, for training): checked at load time, so that
+    a long row fails now, naming its file and line, not hours into a run."""
+    y = lambda e: len(tok.encode(" " + data.answer_text(e) + data.end_of_turn(tok), add_special_tokens=False))
+    bad = [(n + max_new + (y(e) if answer else 0), e, n) for e, n in zip(examples, lengths)]
+    if bad := [b for b in bad if b[0] > limit]:
+        (need, e, n), tail = bad[0], " and the answer" * answer
+        raise SystemExit(f"{e.where}: the prompt is {n} tokens; with {max_new} new tokens{tail} it needs {need} "
+                         f"positions, more than the model's {limit} ({len(bad)} of {len(examples)} rows are too "
+                         f"long): lower --max-new-tokens or remove the rows")
+
+def meta_model(cfg, dtype):
+    """The model's modules on the meta device (no memory), sdpa attention, dropout off (deterministic)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    for m in lm.modules():  # nn.Dropout modules and the attention_dropout floats the attention kernels read
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return lm.eval()
+
+def read_weights(name: str) -> dict:
+    """Every tensor (parameters and buffers, fp32, host memory) of the model at `name`, checked finite."""
+    from transformers import AutoModelForCausalLM
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {name!r}: cannot load it ({type(e).__name__}: {str(e)[:300]})") from None
+    if getattr(lm.config, "final_logit_softcapping", None):
+        raise SystemExit(f"--model {name!r}: logit soft-capping is not supported by the fused scorer")
+    full = dict(lm.named_buffers()) | lm.state_dict()
+    if bad := [k for k, t in full.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise SystemExit(f"--model {name!r}: {len(bad)} of its tensors hold NaN or inf values (the first: {bad[0]}): "
+                         f"the model itself is damaged, and training or evaluating it means nothing")
+    return full
+
+def read_on_rank0(name: str, master: bool):
+    """Rank 0 alone reads the whole model; every rank hears if that failed. The others never hold it whole."""
+    full, error = None, None
+    try:
+        full = read_weights(name) if master else None
+    except SystemExit as e:
+        error = str(e)
+    rank0_verdict(error)
+    return full
+
+@torch.no_grad()
+def load_plain(cfg, full, dtype, device):
+    """A plain (unsharded) model on every rank, filled from rank 0's tensors `full` by broadcast."""
+    lm = meta_model(cfg, dtype).to_empty(device=device)
+    lm.tie_weights()   # to_empty gives each parameter its own tensor: tied embeddings must share one again
+    for name, t in (dict(lm.named_buffers()) | lm.state_dict(keep_vars=True)).items():
+        t.copy_(full[name]) if full is not None else None
+        dist.broadcast(t.data, src=0) if dist.is_initialized() and dist.get_world_size() > 1 else None
+    return lm.requires_grad_(False)
+
+@torch.no_grad()
+def load_sharded(model, full, device, param_device):
+    """The FSDP2 policy (built on the meta device, then sharded) gets rank 0's tensors, each rank its shard;
+    parameters on `param_device` (the host with --parallel offload), buffers on `device`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model.to_empty(device=param_device)
+    for m in model.modules():
+        m._buffers.update({k: b.to(device) for k, b in m._buffers.items() if b is not None})
+    sd = {} if full is None else {"lm." + k: v for k, v in full.items() if "lm." + k in model.state_dict()}
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, b in model.named_buffers():   # buffers no state dict holds (rotary inv_freq): broadcast them too
+        b.copy_(full[name[3:]]) if full is not None else None
+        dist.broadcast(b, src=0) if dist.get_world_size() > 1 else None
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Distributed: the torchrun idiom, FSDP2, collectives, the data order, and what each step measures
+
+def setup_distributed(device_flag=None):
+    """The torchrun idiom: RANK / WORLD_SIZE / LOCAL_RANK from the environment, nccl on GPUs and gloo on CPU,
+    one device per process; without torchrun a group of one (FSDP2 needs one). Returns (rank, world, device)."""
+    try:
+        asked = torch.device(device_flag) if device_flag else None
+    except RuntimeError:
+        asked = torch.device("meta")   # not a device name: refused below
+    if asked and asked.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {device_flag!r}: latro runs on cpu or cuda (cpu, cuda, cuda:1)")
+    if asked and asked.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device_flag!r}: no GPU is visible to this process")
+    use_cuda = asked.type == "cuda" if asked else torch.cuda.is_available()
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"   # gloo too: offload's gradient norm is on the host
+    if not dist.is_initialized() and "RANK" in os.environ:
+        exit_with_agent()
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))   # a slow start-up: loading, compiling
+    elif not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda and asked in (None, torch.device("cuda")) else asked or "cpu")
+    torch.cuda.set_device(device) if device.type == "cuda" else None
+    return dist.get_rank(), dist.get_world_size(), device
+
+def exit_with_agent():
+    """A torchrun worker whose agent died would run on, or hang, unsupervised: the kernel sends it SIGUSR1 when
+    its parent goes (prctl PR_SET_PDEATHSIG). latro.py then stops as on SIGTERM (a checkpoint), and for sure
+    after 60 s; eval.py, whose rows are on disk, just exits."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGUSR1))   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return                                                                   # not Linux: no such watch
+    os.kill(os.getpid(), signal.SIGUSR1) if os.getppid() == 1 else None          # the agent died before that
+
+def close_distributed():
+    """All ranks leave together: a rank that tears its group down while another still works can abort (gloo)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+def pick_dtype(flag: str, device) -> torch.dtype:
+    """--dtype auto: bf16 on GPUs, fp32 on CPUs (where bf16 is ~3x slower)."""
+    return torch.bfloat16 if flag == "bf16" or (flag == "auto" and device.type == "cuda") else torch.float32
+
+def wrap(scorer, mode: str, device, compute_dtype, world: int):
+    """FSDP2 in every mode, so that the policy computes with compute-dtype parameters cast from fp32 master
+    weights in exactly the same way everywhere (the reference is a compute-dtype model: at step 0 the KL is 0).
+    Per decoder layer + root; gradients reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
+    if mode == "replicate":   # a (world, 1) mesh: every rank holds everything, gradients are all-reduced (DDP)
+        kw["mesh"] = init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
+    if mode == "offload":     # sharded, and fp32 master weights, gradients and AdamW live on the host
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    for layer in scorer.lm.get_decoder().layers:
+        fully_shard(layer, **kw)
+    return fully_shard(scorer, **kw)
+
+def all_sum(values: list, device) -> list:
+    """Sum a list of floats over ranks (one all_reduce, float64 so that sums of log-probs keep their digits)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+def rank0_verdict(message):
+    """Raise on EVERY rank the error that rank 0 found (None: no error), so that no rank waits forever."""
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise SystemExit(box[0])
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """A seeded permutation of the n train rows for one epoch (cached: a step reads at most two epochs)."""
+    order = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return order
+
+def global_questions(n_train: int, step: int, n: int, seed: int) -> list:
+    """Train indices of the `n` questions of a step: epochs of a seeded permutation, read in order. A function
+    of (seed, step) alone, so a resumed run reads the same questions without saving a data position."""
+    return [epoch_order(n_train, seed, pos // n_train)[pos % n_train] for pos in range(step * n, (step + 1) * n)]
+
+def train_state_gb(model, opt) -> float:
+    """GB of fp32 parameters + gradients + AdamW state held by THIS rank (local shards; host or device)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
+    return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**30
+
+def peak_gb(device) -> float:
+    """The allocator's peak since its last reset on a GPU; this process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux (VmHWM)
+
+class Meter:
+    """Seconds and peak memory of each phase of a step: lap() starts a step, lap(phase) ends a phase."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.peaks, self.t = device, {}, {}, time.time()
+
+    def lap(self, phase: str = None):
+        now = time.time()
+        if phase:
+            self.seconds[phase], self.peaks[phase] = now - self.t, peak_gb(self.device)
+        else:
+            self.seconds, self.peaks = {}, {}
+        self.t = now
+        torch.cuda.reset_peak_memory_stats(self.device) if self.device.type == "cuda" else None
+
+    def record(self) -> dict:
+        return {"seconds": sum(self.seconds.values()), **{f"t_{k}": v for k, v in self.seconds.items()},
+                **{f"peak_gb_{k}": v for k, v in self.peaks.items()}}
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Flags: the method, the run, the systems
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (not the whole usage first), and which reads "-1e-3" as a (negative)
+    value to range-check, not as an unknown option."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kw})
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+def number(kind, low, strict=False, high=None):
+    """An argparse type: `kind` (int or float), finite, >= low (> low when strict), <= high."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value) or value < low or (strict and value == low) or value > (high or math.inf):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}"
+                                             + (f" and <= {high}" if high else ""))
+        return value
+    return parse
+
+
+POSITIVE, COUNT, RATE, WEIGHT = number(int, 1), number(int, 0), number(float, 0, strict=True), number(float, 0)
+SEED = number(int, 0, high=2**32 - 1)
+MAX_BAD_STEPS = 3        # non-finite steps in a row (each skipped: no update) before a run stops
+LOGPROB_CHUNK = 1024     # positions per chunk of the log-softmax over the vocabulary (the scorer's peak)
+ONOFF = dict(choices=["auto", "on", "off"], default="auto")
+
+def get_args(argv=None):
+    p = Parser(description="LaTRO training (see the module docstring).")
+    m = p.add_argument_group("the method (paper Sec. 4-5; defaults are the paper's)").add_argument
+    m("--k", type=POSITIVE, default=16, help="rationales sampled per question (K)")
+    m("--beta", type=WEIGHT, default=None, help="KL coefficient; default 0.05 for GSM8K, 0.25 for ARC (paper)")
+    m("--max-new-tokens", type=POSITIVE, default=500, help="L: rationale length limit in tokens")
+    m("--penalty", type=WEIGHT, default=2.0, help="gamma: an unfinished rationale's answer reward is gamma x the "
+      "mean answer reward of its question's K rationales")
+    m("--sft-weight", type=WEIGHT, default=1.0, help="weight of the grad log pi(y|x+z) term (paper 1, official 0)")
+    m("--lr", type=RATE, default=5e-7, help="AdamW peak learning rate, decayed linearly to 0, no warm-up")
+    m("--weight-decay", type=WEIGHT, default=0.0, help="AdamW weight decay")
+    m("--grad-clip", type=WEIGHT, default=0.0, help="clip the global grad norm to this; 0 = off (paper)")
+    m("--questions-per-rank", type=POSITIVE, default=3, help="questions per process per step (paper: 3 x 8 GPUs)")
+    m("--global-questions", type=POSITIVE, default=None, help="questions per step over all processes (overrides "
+      "--questions-per-rank; must divide by the number of processes): the same run at any scale")
+    m("--steps", type=POSITIVE, default=None, help="optimizer steps; default: the paper's 117 (GSM8K) / 35 (ARC), "
+      "scaled to keep its number of rollouts when the global batch differs from 24 x 16")
+    r = p.add_argument_group("the run").add_argument
+    r("--model", required=True, help="hub name (meta-llama/Llama-3.1-8B-Instruct) or local model folder")
+    r("--dataset", default="gsm8k", help="gsm8k | arc_challenge | arith[:SEED] (generated) | hub id | local file "
+      "or folder of JSONL/parquet")
+    r("--out", default="runs/latro", help="run folder: config, metrics.jsonl, checkpoint/, best/")
+    r("--overwrite", action="store_true", help="delete the run already in --out and start a new one")
+    r("--resume", action="store_true", help="continue from OUT/checkpoint (flags must match the saved run)")
+    r("--seed", type=SEED, default=0, help="seed of the data order, the validation slice and every rationale")
+    r("--val-size", type=COUNT, default=200, help="train questions held out for checkpoint selection")
+    r("--eval-every", type=COUNT, default=20, help="greedy-evaluate the validation slice every N steps; 0 = off")
+    r("--eval-max-new-tokens", type=POSITIVE, default=500, help="generation limit of the validation evaluation")
+    r("--heldout-questions", type=COUNT, default=8, help="validation questions whose rationales, sampled once at "
+      "step 0, track the held-out self-reward (mean log pi(y|x+z))")
+    r("--save-every", type=COUNT, default=20, help="write a checkpoint every N steps (and at the end); 0 = the end")
+    r("--stop-after", type=COUNT, default=0, help="exit after this step as if interrupted (tests, job limits)")
+    s = p.add_argument_group("the systems").add_argument
+    # the older names ddp / fsdp and a bare --compile (../shared/gpu/check.sh uses them) are still read
+    s("--parallel", choices=["auto", "replicate", "shard", "offload"], default="auto",
+      type=lambda v: {"ddp": "replicate", "fsdp": "shard"}.get(v, v), help="FSDP2 layout: replicate (every GPU "
+      "holds everything), shard (over the GPUs), offload (sharded, fp32 master weights, gradients and AdamW on the "
+      "host); auto picks the first that the memory plan fits")
+    s("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="compute dtype: bf16 on GPU, fp32 on CPU")
+    s("--grad-checkpointing", **ONOFF, help="recompute activations in backward; auto = on for GPUs")
+    s("--compile", **ONOFF, nargs="?", const="on", help="torch.compile the sampler's decode step; auto = on for GPUs")
+    s("--cuda-graphs", **ONOFF, help="replay the decode step as a CUDA graph; auto = on for GPUs")
+    s("--micro-questions", type=POSITIVE, default=1, help="questions per forward/backward micro-batch (K rows each)")
+    s("--gpu-memory-gb", type=RATE, default=None, help="plan against this much memory per GPU (default: the "
+      "device's); with --plan-only, for such GPUs on any machine; on a CPU run, the memory it may use")
+    s("--host-memory-gb", type=RATE, default=None, help="plan against this much host memory (default: this machine's)")
+    s("--plan-only", action="store_true", help="print the memory plan and its verdict, and load no weights (a "
+      "folder holding only config.json will do)")
+    s("--device", default=None, help="override the device (cpu, cuda:0); default: cuda:LOCAL_RANK if present")
+    return p.parse_args(argv)
+
+def resolve_defaults(args, task: str, world: int, n_train: int, n_val: int):
+    """Fill the task-dependent defaults and check the batch geometry against the data."""
+    if args.global_questions is None:
+        args.global_questions = args.questions_per_rank * world
+    problems = [(args.k < 2, f"--k {args.k}: the leave-one-out baseline needs at least 2 rationales per question"),
+                (args.global_questions % world, f"--global-questions {args.global_questions} does not divide over "
+                                                f"{world} processes")]
+    args.questions_per_rank = args.global_questions // world
+    problems += [(args.questions_per_rank % args.micro_questions, f"--questions-per-rank {args.questions_per_rank} "
+                  f"must be a positive multiple of --micro-questions {args.micro_questions}"),
+                 (args.global_questions > n_train, f"--global-questions {args.global_questions} is more than the "
+                  f"{n_train} train questions left after --val-size {n_val}: questions would repeat within a step"),
+                 (args.heldout_questions > n_val, f"--heldout-questions {args.heldout_questions} needs --val-size >= "
+                  f"{args.heldout_questions} (it is {n_val})")]
+    if bad := [message for wrong, message in problems if wrong]:
+        raise SystemExit(bad[0])
+    args.beta = PAPER_BETA[task] if args.beta is None else args.beta
+    if args.steps is None:
+        args.steps = max(1, round(PAPER_STEPS[task] * PAPER_ROLLOUTS_PER_STEP / (args.global_questions * args.k)))
+    return args
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. The memory plan: what each phase holds per GPU and per host, from the model's shape and the flags
+
+PHASES = ("load", "sample", "score", "update", "save")
+
+def model_shape(cfg) -> dict:
+    """Parameter counts (from a weightless model on the meta device) and the sizes the plan needs."""
+    lm, heads = meta_model(cfg, torch.float32), cfg.num_attention_heads
+    return dict(n=sum(p.numel() for p in lm.parameters()), layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+                layer_n=sum(p.numel() for p in lm.get_decoder().layers[0].parameters()), vocab=cfg.vocab_size,
+                inter=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+                kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int, runtime_gb: float,
+                tokens: int = None, local: int = 1) -> list:
+    """Rows (item, GB per GPU, GB of host memory, phases it is live in) for one layout; the host column counts
+    the `local` processes of one machine, of which only rank 0 reads or gathers whole models. Phases: load (rank
+    0 reads the model, and on --resume the AdamW state, and sends each rank its part), sample, score (forward
+    + backward of micro-batches), update (AdamW, the replica refresh), save (rank 0 gathers full tensors). fp32
+    master weights, gradients and AdamW m, v: 16 bytes per parameter, divided over the ranks unless replicated,
+    on the host when offloaded. The reference and the sampler replica: 2 bytes per parameter each in bf16, on
+    every GPU. On a CPU everything is host memory. `tokens`: the tokens of the largest micro-batch (default:
+    every row at the longest prompt + L + y)."""
+    G, cb = 2**30, 4 if a.dtype == "fp32" else 2            # bytes per compute-dtype element
+    N, H, I, V, Ln = s["n"], s["hidden"], s["inter"], s["vocab"], s["layer_n"]
+    root = N - s["layers"] * Ln                              # embedding, final norm, LM head: FSDP2's root unit
+    shards, state_on = 1 if mode == "replicate" else world, "host" if mode == "offload" else "gpu"
+    rows, resume = a.questions_per_rank * a.k, a.resume      # rows the sampler decodes at once
+    length = prompt_len + max(a.max_new_tokens, a.eval_max_new_tokens)
+    micro_tokens = tokens or a.micro_questions * a.k * (prompt_len + a.max_new_tokens + 24)   # + y
+    layer_act = (10 * H + 4 * I) * cb + 2 * H * 4           # saved per token per layer, incl. fp32 norm inputs
+    act = micro_tokens * (s["layers"] * H * cb + layer_act if a.grad_checkpointing else s["layers"] * layer_act)
+    graphs = on_gpu and a.cuda_graphs not in (False, "off")
+    items = [("fp32 master weights", 4 * N / shards, state_on, "all"),
+             ("AdamW m and v (fp32)", 8 * N / shards, state_on, "all" if resume else "run"),
+             ("gradients (fp32)", 4 * N / shards, state_on, "score update save"),
+             ("reference pi_0 (frozen)", cb * N, "gpu", "all"),
+             ("sampler replica", cb * N, "gpu", "all"),
+             ("KV cache", rows * length * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * cb, "gpu", "run"),
+             ("decode: prefill activations", rows * prompt_len * (8 * H + 3 * I) * cb, "gpu", "sample"),
+             ("decode step: logits, softmax, CDF" + (" (graph pool)" if graphs else ""), rows * V * 24,
+              "gpu", "run" if graphs else "sample"),
+             ("FSDP2 whole layers in flight", (2 * Ln + root) * cb, "gpu", "score update save"),
+             ("activations of one micro-batch", act, "gpu", "score"),
+             ("log-prob chunk (fp32 logits, softmax, grad)", LOGPROB_CHUNK * V * 18, "gpu", "score"),
+             ("LM-head weight gradient of a chunk", V * H * cb, "gpu", "score"),
+             ("root gradients, unsharded in backward (+ fp32)", root * (cb + 4), "gpu", "score"),
+             ("reduce-scatter staging of 2 layers (fp32)", 2 * Ln * 4, "gpu", "score"),
+             ("CUDA context and NCCL buffers (estimate)", (1.5 if world > 1 else 0.6) * G * on_gpu, "gpu", "all"),
+             ("load: the full model" + (", then AdamW," if resume else "") + " on rank 0", (8 if resume else 4) * N
+              / local, "host", "load"),
+             ("checkpoint: full AdamW state on rank 0", 8 * N / local, "host", "save"),
+             ("runtime (Python, torch, data; measured)", runtime_gb * G, "host", "all")]
+    out = []
+    for item, nbytes, where, phases in items:
+        where = where if on_gpu else "host"
+        nbytes *= local if where == "host" else 1
+        live = {"all": PHASES, "run": PHASES[1:]}.get(phases) or tuple(phases.split())
+        out.append((item, nbytes / G if where == "gpu" else 0.0, nbytes / G if where == "host" else 0.0, live))
+    return out
+
+def plan_peaks(rows: list) -> dict:
+    """{phase: (GB per GPU, GB of host memory)} of a plan."""
+    return {ph: (sum(r[1] for r in rows if ph in r[3]), sum(r[2] for r in rows if ph in r[3])) for ph in PHASES}
+
+def choose_layout(shape, args, world, device, prompt_len, runtime_gb):
+    """--parallel auto: the first layout whose plan fits 90% of the memory (the rest: the allocator's slack), of
+    replicate, shard, offload. The table on demand (--plan-only) or on refusal; the verdict always, last."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    on_gpu = device.type == "cuda" or bool(args.plan_only and args.gpu_memory_gb)   # planning for GPUs elsewhere
+    gpu_gb = args.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if on_gpu else 0)
+    host_gb = args.host_memory_gb or (args.gpu_memory_gb if not on_gpu and args.gpu_memory_gb else
+                                      os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30)
+    plan = lambda mode: memory_plan(shape, args, world, mode, on_gpu, prompt_len, runtime_gb, local=local)
+    peak = lambda mode: [max(x[i] for x in plan_peaks(plan(mode)).values()) for i in (0, 1)]
+    fits = lambda mode: peak(mode)[0] <= 0.9 * gpu_gb * on_gpu and peak(mode)[1] <= 0.9 * host_gb
+    modes = [args.parallel] if args.parallel != "auto" else (["shard"] if world == 1 else ["replicate", "shard"]) + \
+        (["offload"] if on_gpu else [])
+    mode = next((m for m in modes if fits(m)), modes[-1])
+    (g, h), cols = peak(mode), (lambda g, h: f"{g:9.2f} {h:9.2f}") if on_gpu else (lambda g, h: f"{h:9.2f}")
+    if args.plan_only or not fits(mode):
+        print0(f"memory plan: {shape['n'] / 1e9:.2f} B parameters, {args.questions_per_rank * args.k} rows x "
+               f"({prompt_len} prompt + {args.max_new_tokens} tokens), --parallel {mode}" + ("" if on_gpu else
+               " (a CPU run: all host memory)") + f"\n  {'item':50s} " + ("  per GPU  per host" if on_gpu else
+               "       GB") + "  live in")
+        print0("\n".join([f"  {i:50s} {cols(g_, h_)}  {', '.join(ph)}" for i, g_, h_, ph in plan(mode) if g_ or h_]
+                         + [f"  {'peak while ' + ph:50s} {cols(*v)}" for ph, v in plan_peaks(plan(mode)).items()]))
+    verdict = (f"{'fits' if fits(mode) else 'does NOT fit'} with --parallel {mode}: peak " + (f"{g:.1f} GB per GPU "
+               f"of {0.9 * gpu_gb:.1f}, " if on_gpu else "") + f"{h:.1f} GB of host memory of {0.9 * host_gb:.1f} "
+               f"(90% of what there is{f', {local} processes on this host' if local > 1 else ''})")
+    if not fits(mode) and not args.plan_only:
+        raise SystemExit(f"the memory plan {verdict}: use more GPUs, --parallel offload, --grad-checkpointing on, "
+                         f"or fewer --micro-questions, --questions-per-rank, --k or --max-new-tokens")
+    print0(f"plan: {verdict}")
+    return mode
+
+def print0(*a, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **kw, flush=True)
+
+# ----------------------------------------------------------------------------------------------------------
+# 11. The run folder: one owner, checksummed folders swapped in whole (a kill at any instant), resume, signals
+
+RESUME_KEYS = ("model", "dataset", "k", "beta", "max_new_tokens", "penalty", "sft_weight", "lr", "weight_decay",
+               "global_questions", "steps", "seed", "val_size", "grad_clip", "dtype")   # must match on --resume
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "best.old",
+             "best.tmp")
+LOCKS = []   # this process's lock files: the kernel releases a lock when its holder dies
+
+def claim_run_folder(args, master: bool):
+    """A run folder belongs to one run: locked (flock) for the run's life, so that a second run on it, in any
+    mode, is refused with the holder's pid and host; and refused if it holds a run, unless --resume/--overwrite."""
+    message, found = None, []
+    try:
+        if master:
+            os.makedirs(args.out, exist_ok=True)
+            LOCKS.append(open(os.path.join(args.out, ".lock"), "a+"))
+            fcntl.flock(LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            LOCKS[-1].truncate(0), LOCKS[-1].write(f"pid {os.getpid()} on {socket.gethostname()}"), LOCKS[-1].flush()
+            found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    except BlockingIOError:
+        message = f"--out {args.out!r} is in use by another run ({open(LOCKS[-1].name).read()}): wait for it or stop it"
+    except OSError as e:
+        message = f"--out {args.out!r}: cannot make a run folder there ({e.strerror}; is it, or a parent, a file?)"
+    if found and not args.resume and not args.overwrite:
+        message = (f"--out {args.out!r} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                   f"--overwrite to delete it and start again, or another --out")
+    rank0_verdict(message)
+    if found and args.overwrite and not args.resume:
+        print0(f"--overwrite: deleting {', '.join(os.path.join(args.out, f) for f in found)}")
+        [remove(os.path.join(args.out, f)) for f in found]
+
+def remove(path: str):
+    """Delete a file or folder if it exists; a kill halfway leaves a partial one that the next call finishes."""
+    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        [h.update(block) for block in iter(lambda: f.read(1 << 24), b"")]
+    return h.hexdigest()
+
+def write_manifest(folder: str):
+    """manifest.json, written last into a folder: {file: [bytes, sha256]} of everything else in it."""
+    files = sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names)
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump({n: [os.path.getsize(os.path.join(folder, n)), sha256(os.path.join(folder, n))] for n in files}, f)
+
+def verify(folder: str):
+    """None if every file of the manifest is there with its size and checksum, else what is wrong."""
+    try:
+        sums = json.load(open(os.path.join(folder, "manifest.json")))
+    except (OSError, ValueError):
+        return "its manifest.json is missing or unreadable (an unfinished write)"
+    for name, (size, digest) in sums.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size or sha256(path) != digest:
+            return f"{path} does not match its checksum (damaged)"
+
+def settle(path: str):
+    """Finish what a kill interrupted: if `path` is missing, the newest whole copy (.tmp, else .old) takes its
+    place; a partial .tmp goes. Safe at any instant, any number of times."""
+    whole = [p for p in (path + ".tmp", path + ".old") if os.path.isdir(p) and verify(p) is None]
+    if not os.path.isdir(path) and whole:
+        os.replace(whole[0], path)
+    remove(path + ".tmp")
+
+def write_folder(path: str, parts: list, need_gb: float, what: str, master: bool, keep_prev: bool = False):
+    """Write `path` as `path.tmp` plus its manifest, then swap it in: the old copy becomes `path.old` (kept or
+    deleted), so a whole copy exists under one of the three names at every instant. Each part (tmp, write) runs
+    on EVERY rank, one after the other (it may gather full tensors: a collective), and writes on rank 0. A
+    failed write removes the partial copy, names the path and the space it needed, and stops every rank."""
+    tmp, error = path + ".tmp", None
+    if master:
+        settle(path)
+        remove(path + ".old") if keep_prev else None       # room on the disk; `path` is still whole
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30
+        error = (f"cannot write {what} to {path}: it needs about {need_gb:.1f} GB and the disk has {free:.1f} GB "
+                 f"free; the last good copy is kept") if free < need_gb else None
+    rank0_verdict(error)
+    for part in parts + [lambda tmp, write: write and write_manifest(tmp)]:
+        try:
+            part(tmp, master and error is None)
+        except Exception as e:   # OSError, torch's RuntimeError, a tokenizer's bare Exception: all I/O here
+            if not master:
+                raise
+            error = error or (f"cannot write {what} to {path} (about {need_gb:.1f} GB): {str(e).splitlines()[0][:200]}"
+                              f"; the partial copy was removed and the last good one is kept")
+    remove(tmp) if master and error else None
+    rank0_verdict(error)
+    if master:
+        remove(path + ".old")
+        os.replace(path, path + ".old") if os.path.isdir(path) else None
+        os.replace(tmp, path)
+        remove(path + ".old") if not keep_prev else None
+    dist.barrier()  # no rank runs ahead (and possibly crashes) before the folder is in place
+
+def save_model_part(run, subdir: str = ""):
+    """A write_folder part: the policy's full fp32 weights in `save_pretrained` form, and the tokenizer. Never
+    from non-finite weights (each rank checks its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p
+    if all_sum([sum(int(not torch.isfinite(local(p)).all()) for p in run.model.parameters())], run.device)[0]:
+        raise SystemExit("not writing a checkpoint: the weights are not finite; the last good copy is kept")
+
+    def part(tmp, write):
+        sd = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if write:
+            run.model.lm.save_pretrained(os.path.join(tmp, subdir), state_dict={k[3:]: v for k, v in sd.items()})
+            run.tok.save_pretrained(os.path.join(tmp, subdir))
+    return part
+
+def save_checkpoint(run, step: int, confirmed: bool):
+    """OUT/checkpoint: model/ (save_pretrained, fp32 master weights), state.pt (full AdamW state, RNGs) and
+    resume.json (step, best, the flags that must match, whether the next step confirmed it good): it loads at
+    any world size and in plain transformers. The previous one stays as checkpoint.old (a fallback)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    state = {"step": step, "confirmed": confirmed, "best": run.best, "config": run.config, "n_params": run.n_params}
+
+    def optimizer_part(tmp, write):
+        sd = get_optimizer_state_dict(run.model, run.opt, options=StateDictOptions(full_state_dict=True,
+                                                                                     cpu_offload=True))
+        if write:
+            torch.save({"optimizer": sd, "rng_torch": torch.get_rng_state(), "rng_python": random.getstate()},
+                       os.path.join(tmp, "state.pt"))
+            json.dump(state, open(os.path.join(tmp, "resume.json"), "w"), indent=1)
+    write_folder(os.path.join(run.args.out, "checkpoint"), [save_model_part(run, "model"), optimizer_part],
+                 12 * run.n_params / 2**30 * 1.05, "the checkpoint", run.master, keep_prev=True)
+    run.pending_save, run.saved = False, step
+
+def save_best(run, record: dict):
+    """The policy alone, in `save_pretrained` form, with the evaluation record that chose it in best.json."""
+    write_folder(os.path.join(run.args.out, "best"), [save_model_part(run), lambda tmp, write: write and json.dump(
+        record, open(os.path.join(tmp, "best.json"), "w"))], 4 * run.n_params / 2**30 * 1.05, "the best model",
+                 run.master)
+
+def read_resume(folder: str, args) -> dict:
+    """resume.json of a checkpoint, checked for sense; raises ValueError saying what is wrong."""
+    try:
+        state = json.load(open(os.path.join(folder, "resume.json")))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"its resume.json cannot be read ({type(e).__name__})") from None
+    if missing := [k for k in ("step", "confirmed", "best", "config", "n_params") if k not in state]:
+        raise ValueError(f"its resume.json lacks {', '.join(missing)}")
+    if not isinstance(state["step"], int) or not 0 <= state["step"] <= args.steps:
+        raise ValueError(f"its resume.json says step {state['step']!r}, which is not within --steps {args.steps}")
+    return state
+
+def find_checkpoint(args):
+    """On rank 0, before anything loads: (folder, resume.json) of the newest checkpoint whose files match their
+    checksums, checkpoint/ or else checkpoint.old/ (saying what was wrong with the other)."""
+    base, found, notes = os.path.join(args.out, "checkpoint"), [], []
+    settle(base)
+    for folder in filter(os.path.isdir, (base, base + ".old")):
+        try:
+            problem = verify(folder)
+            found += [] if problem else [(read_resume(folder, args), folder)]
+        except ValueError as e:
+            problem = str(e)
+        notes += [f"{folder}: {problem}"] if problem else []
+    if not found:
+        raise SystemExit(f"--resume: no checkpoint in {args.out!r} that can be used" + (": " + "; ".join(notes)
+                         if notes else " (looked for checkpoint/ and checkpoint.old/)"))
+    state, folder = max(found, key=lambda f: f[0]["step"])
+    [print0(f"--resume: {note}; falling back to {folder} (step {state['step']})") for note in notes]
+    bad = [f"--{k.replace('_', '-')}: run {getattr(args, k)!r} vs checkpoint {state['config'].get(k)!r}"
+           for k in RESUME_KEYS if state["config"].get(k) != getattr(args, k)]
+    if bad:   # the world size may change: the update does not
+        raise SystemExit("--resume: the checkpoint was written by a different run:\n  " + "\n  ".join(bad))
+    return folder, state
+
+def stop_diverged(run, first_bad: int, last: dict):
+    """Steps first_bad.. were skipped as non-finite: the update of step first_bad-1 left weights that are finite
+    but unusable, so the last good state is step first_bad-2. checkpoint/ is rolled back to the newest copy no
+    later than that, and every rank stops with one line."""
+    good, base, message = first_bad - 2, os.path.join(run.args.out, "checkpoint"), None
+    if run.master:
+        for folder in filter(os.path.isdir, (base, base + ".old")):   # drop every checkpoint after the last good
+            remove(folder) if verify(folder) or read_resume(folder, run.args)["step"] > good else None
+        settle(base)
+        held = read_resume(base, run.args)["step"] if os.path.isdir(base) else None
+        cause = "the self-rewards overflowed: lower --beta or --penalty" if not math.isfinite(last["reward"]) else \
+            "the update diverged: try a lower --lr"
+        message = (f"{last['step'] - first_bad + 1} steps in a row ({first_bad}-{last['step']}) had a non-finite loss "
+                   f"or gradient norm and made no update; {cause}. " + ("Step 1 already failed: the starting model "
+                   "or the flags are at fault. " if first_bad == 1 else f"The last good state is step {good}. ")
+                   + (f"checkpoint/ holds step {held}." if held is not None else "No checkpoint holds a good state."))
+    rank0_verdict(message)
+
+def log(run, rec: dict, line: str):
+    """One short console line; every field to metrics.jsonl. A failed append stops the run at the step's end."""
+    if run.master:
+        print(line, flush=True)
+        try:
+            with open(run.metrics, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            run.error = run.error or f"cannot append to {run.metrics} ({e.strerror}); stopping, the last " \
+                                     f"checkpoint is kept"
+
+class StopSignals:
+    """SIGINT and SIGTERM end the current step cleanly: the loop asks at each step boundary, where all ranks
+    agree (none is left waiting in a collective). SIGTERM, which clusters send before preemption, writes a
+    checkpoint first; so does SIGUSR1 (the torchrun agent died: see exit_with_agent), which also ends the
+    process 60 s later whatever happens. A second Ctrl-C, later than 2 s after the first, stops at once."""
+
+    def __init__(self):
+        self.received, self.at = 0, 0.0
+        [signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
+
+    def handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received and time.time() - self.at > 2:   # torchrun repeats a signal
+            raise KeyboardInterrupt
+        if signum == signal.SIGUSR1:
+            print("the torchrun agent is gone: stopping with a checkpoint", file=sys.stderr, flush=True)
+            signal.alarm(60)           # SIGALRM's default action ends the process, even one stuck in a collective
+            signum = signal.SIGTERM
+        if not self.received:
+            print0(f"\n{signal.Signals(signum).name}: stopping at the end of this step"
+                   + (" with a checkpoint" if signum == signal.SIGTERM else " (Ctrl-C again: stop now)"))
+        self.received, self.at = max(self.received, signum), time.time()     # SIGTERM (15) outranks SIGINT (2)
+
+def stop_requested(run, signals) -> int:
+    """At a step boundary: the signal any rank received (0: none), agreed by all ranks; a failed metrics write
+    on rank 0 stops every rank here, with its message."""
+    rank0_verdict(run.error)
+    t = torch.tensor([signals.received], device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+def summary(run, done: int, why: str):
+    """The last words of a run: how far it got and where its models are."""
+    a, saved = run.args, run.saved or run.start
+    print0(f"{why}: {done} of {a.steps} steps" + (f"\nbest: {os.path.join(a.out, 'best')} (val_accuracy "
+           f"{run.best['val_accuracy']:.4g} at step {run.best['step']})" if run.best else ""))
+    print0(f"checkpoint: {os.path.join(a.out, 'checkpoint')} (step {saved}" + ("; continue with --resume)" if saved <
+           a.steps else ")") if saved else "checkpoint: none written (SIGTERM, --save-every or the last step write one)")
+
+# ----------------------------------------------------------------------------------------------------------
+# 12. Setup: data, the plan, the run folder, models, the engine, resume
+
+def setup(args):
+    """Everything before the first step: data (every row checked), the memory plan (before any weights load),
+    the run folder, models, the engine, AdamW, resume state and the held-out rollouts. None when there is
+    nothing to run: --plan-only, or a resumed run that has finished."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar(), hf_logging.set_verbosity_error()   # latro's own progress only
+    rank, world, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed), random.seed(args.seed)
+    gpu = device.type == "cuda" or bool(args.plan_only and args.gpu_memory_gb)   # or planning for GPUs
+    dtype = pick_dtype(args.dtype, torch.device("cuda" if gpu else "cpu"))
+    args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"    # resolved, so that a resume can check it
+    args.grad_checkpointing, args.compile, args.cuda_graphs = (f == "on" or (f == "auto" and gpu) for f in (
+        args.grad_checkpointing, args.compile, args.cuda_graphs))
+    if args.cuda_graphs and device.type != "cuda" and not args.plan_only:
+        raise SystemExit("--cuda-graphs on needs a GPU")
+    cfg = load_config(args.model)                                  # fails on a wrong path before any work
+    try:
+        train, val = data.split_validation(data.load_split(args.dataset, "train"), args.val_size, args.seed)
+    except data.DataError as e:
+        raise SystemExit(f"--dataset {args.dataset!r}: {e}") from None
+    resolve_defaults(args, train[0].task, world, len(train), len(val))
+    try:
+        tok = load_tokenizer(args.model)
+        lengths = [len(p) for p in data.prompt_ids(tok, train + val)]
+        check_lengths(tok, train + val, lengths, max(args.max_new_tokens, args.eval_max_new_tokens),
+                      context_length(cfg), answer=True)   # every row fits: checked now, not hours into the run
+    except SystemExit:
+        if not args.plan_only or "tok" in locals():
+            raise
+        print0("--plan-only: no tokenizer in --model; prompt lengths estimated as characters / 3 + 64")
+        tok, lengths = None, [len(data.user_message(e)) // 3 + 64 for e in train + val]
+    shape, runtime_gb = model_shape(cfg), peak_gb(torch.device("cpu"))   # Python, torch, data: measured
+    args.parallel = choose_layout(shape, args, world, device, round_up(max(lengths), PROMPT_BUCKET), runtime_gb)
+    if args.plan_only:
+        return None
+    run = SimpleNamespace(args=args, rank=rank, world=world, device=device, master=rank == 0, tok=tok, train=train,
+                          val=val, n_params=shape["n"], start=0, best=None, saved=None, pending_save=False,
+                          error=None, eot=data.end_of_turn(tok), meter=Meter(device), dtype=dtype, cfg=cfg,
+                          lengths={e.where: n for e, n in zip(train + val, lengths)},
+                          metrics=os.path.join(args.out, "metrics.jsonl"))
+    claim_run_folder(args, run.master)
+    box = [find_checkpoint(args) if args.resume and run.master else (None, None)]
+    dist.broadcast_object_list(box, src=0)                          # rank 0 verified it; every rank reads it
+    ckpt, resume = box[0]
+    if resume and resume["step"] >= args.steps:                     # before any weights load or any sampling
+        print0(f"the run in {args.out} has finished all {args.steps} steps (checkpoint at step {resume['step']}); "
+               f"nothing to do")
+        return None
+    build(run, ckpt)
+    restore(run, ckpt, resume) if resume else None
+    describe(run, shape, dict(prompt_len=round_up(max(lengths), PROMPT_BUCKET), runtime_gb=runtime_gb))
+    peaks = [0.0] * world   # what loading (and resuming) cost each rank's host memory: rank 0 reads, others receive
+    dist.all_gather_object(peaks, peak_gb(torch.device("cpu")))
+    log(run, {"step": run.start, "load_peak_gb": peaks}, "host memory after loading: " +
+        " / ".join(f"{p:.2f}" for p in peaks) + " GB (peak per rank)")
+    return run
+
+def build(run, ckpt):
+    """The policy (FSDP2, fp32 master weights), the frozen reference and the sampler's replica (compute dtype),
+    the engine with every decode shape compiled, AdamW, and the held-out rollouts. Rank 0 alone reads each
+    model and the others receive their part: host memory holds one whole copy per node, not one per rank."""
+    a, dev = run.args, run.device
+    full = read_on_rank0(os.path.join(ckpt, "model") if ckpt else a.model, run.master)
+    lm = meta_model(run.cfg, torch.float32)   # the policy keeps fp32 master weights: lr 5e-7 vanishes in bf16
+    if a.grad_checkpointing:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    run.model = wrap(Scorer(lm, LOGPROB_CHUNK), a.parallel, dev, run.dtype, run.world)
+    load_sharded(run.model, full, dev, torch.device("cpu") if a.parallel == "offload" else dev)
+    with torch.no_grad():  # FSDP2 picks its root on the first forward: make it go through the root
+        one = torch.ones(1, 2, dtype=torch.long, device=dev)
+        run.model(one, one, one.bool())
+    run.model.reshard()    # the root keeps its parameters whole after a forward: AdamW must get the shards
+    if ckpt:               # pi_0 is always the STARTING model, also on resume: at step 0 the KL is exactly 0
+        del full
+        full = read_on_rank0(a.model, run.master)
+    ref_lm = load_plain(run.cfg, full, run.dtype, dev)
+    del full
+    run.ref, run.replica = Scorer(ref_lm, LOGPROB_CHUNK), make_replica(ref_lm)
+    run.engine = Engine(run.replica, stop_token_ids(run.tok, a.model), a.compile, a.cuda_graphs)
+    L, E, q = (a.max_new_tokens, a.eval_max_new_tokens), run.engine, a.questions_per_rank
+    if a.compile or a.cuda_graphs:   # rows of training, validation and held-out batches x prompt buckets x L
+        rows = {q * a.k, a.heldout_questions % q * a.k} | {len(run.val[r::run.world]) % (q * a.k) for r in
+                                                           range(run.world)}
+        shapes = {E.shape(r, n, l) for r in rows - {0} for n in set(run.lengths.values()) for l in L}
+        print0(f"sampler: {len(shapes)} decode shapes compiled{' and captured' * a.cuda_graphs} in "
+               f"{E.prepare(shapes):.0f} s; nothing compiles after this")
+    E.reserve(q * a.k, max(run.lengths.values()) + max(L))
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)
+    # the held-out self-reward: rationales sampled once from the initial model (the replica still equals pi_0,
+    # also on resume) for a few validation questions; their log pi(y|x+z) is tracked at every evaluation
+    held, rolls = run.val[:a.heldout_questions], []
+    for i in tqdm(range(0, len(held), q), desc="held-out rationales", disable=not (run.master and held)):
+        rolls += rollout(E, run.tok, held[i:i + q], range(i, min(i + q, len(held))), -1, a)
+    run.heldout = [build_batch(p, zs, [answer_ids(run.tok, e, z, run.eot) for z in zs], run.tok.pad_token_id)
+                   for e, (p, zs, _) in zip(held, rolls)]
+
+def restore(run, ckpt: str, resume: dict):
+    """Weights came with `build`; now AdamW state (rank 0 reads it, mmap-ed, and each rank receives its
+    shards), the RNGs, the step and the best record; metrics logged after the checkpoint are dropped."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", mmap=True, weights_only=False) \
+        if run.master else {}
+    set_optimizer_state_dict(run.model, run.opt, optim_state_dict=state.get("optimizer", {}),
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    rng = [state.get("rng_torch"), state.get("rng_python")]
+    dist.broadcast_object_list(rng, src=0)
+    torch.set_rng_state(rng[0]), random.setstate(rng[1])
+    refresh_replica(run.replica, run.model)
+    run.start, run.best = resume["step"], resume["best"]
+    if run.master:   # a torn last line (a kill mid-write) is dropped with a note
+        rows = []
+        for n, line in enumerate(open(run.metrics) if os.path.exists(run.metrics) else [], 1):
+            try:
+                rows += [r for r in [json.loads(line)] if r.get("step", 0) <= run.start]
+            except json.JSONDecodeError:
+                print0(f"--resume: dropping the unreadable line {n} of {run.metrics} (a write cut short)")
+        open(run.metrics, "w").writelines(json.dumps(r) + "\n" for r in rows)
+    print0(f"resumed from {ckpt} at step {run.start}")
+
+def describe(run, shape: dict, plan_inputs: dict):
+    """The resolved setup, once, in a few lines; config.json in the run folder holds every flag."""
+    a = run.args
+    config = dict(vars(a), world=run.world, task=run.train[0].task, n_params=shape["n"], n_train=len(run.train),
+                  n_val=len(run.val), **plan_inputs)
+    if run.master and not run.start:   # a resumed run keeps the config it started with
+        json.dump(config, open(os.path.join(a.out, "config.json"), "w"), indent=1)
+    run.config = {k: config[k] for k in RESUME_KEYS}
+    print0(f"latro: {a.model} ({shape['n'] / 1e6:.1f} M parameters) on {a.dataset} ({len(run.train)} train, "
+           f"{len(run.val)} validation) | {run.world} x {run.device.type}, {a.dtype}, --parallel {a.parallel}\n"
+           f"  method: K {a.k}, beta {a.beta}, L {a.max_new_tokens}, gamma {a.penalty}, w_sft {a.sft_weight}, "
+           f"lr {a.lr} -> 0, {a.global_questions} questions per step, {a.steps} steps\n  run: {a.out} (config.json: "
+           f"every flag), validation every {a.eval_every or 'never'}, checkpoint every {a.save_every or 'end'}"
+           + (f", from step {run.start}" if run.start else ""))
 
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:   # the second Ctrl-C: no traceback, no half-written folder
         out = get_args().out
-        for name in ("checkpoint.tmp", "best.tmp"):
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        for name in ("checkpoint", "best") if int(os.environ.get("RANK", 0)) == 0 else ():
+            settle(os.path.join(out, name))
         print0(f"\ninterrupted; the last checkpoint in {out} is kept (continue with --resume)")
         raise SystemExit(130)

@@ -1,11 +1,13 @@
 """
 tests/bench.py: how fast latro.py samples and updates, against the paths it replaces. Prints tables, asserts nothing.
 
-(a) sample: ms per decode step, tokens/s and the bandwidth achieved (weight bytes x decode steps per second, as
-    gpt-fast reports it) of latro's sampling engine (eager; compiled; compiled + CUDA graphs on a GPU) against
-    `model.generate(do_sample=True, top_k=0, top_p=1)`, the official code's sampler. Every path decodes exactly
-    --new-tokens tokens (no early stop) from the same prompts. Compilation and capture are a timed warm-up,
-    reported on a line of their own.
+(a) sample: ms per decode step and per decoded token, tokens/s and the bandwidth achieved (weight bytes x decode
+    steps per second, as gpt-fast reports it) of latro's sampling engine (eager; compiled; compiled + CUDA graphs
+    on a GPU) against `model.generate(do_sample=True, top_k=0, top_p=1)`, the official code's sampler. Every
+    path decodes exactly --new-tokens tokens (no early stop) from the same prompts. Compilation and capture are a
+    timed warm-up, reported on a line of their own. For a compiled step, the bytes it moves per decode step
+    (Inductor's own count of what its kernels read and write) are printed next to the floor: the weights plus
+    the KV cache read once.
 (b) update: seconds per rollout and peak memory of latro.py's fused score + update (1 reference forward without
     gradient + 1 policy forward with gradient, log-probs at z/y positions only, chunked) against a naive path
     that mirrors the official code (3 forwards without gradient + 2 with, full-vocabulary log-softmax over all
@@ -13,7 +15,8 @@ tests/bench.py: how fast latro.py samples and updates, against the paths it repl
 (c) e2e: one whole step: a real `latro.py` run (its step 2: sample, score, update, as logged) against the
     official-style step on the same model and rows (generate with output scores and no early stop, then (b)'s
     naive score + update). Random weights rarely stop early, so both decode L tokens.
-Each measurement runs in its own process so that its peak memory is its own.
+Each measurement runs in its own process so that its peak memory is its own, and is repeated (--repeats): the
+tables give the median and the range. Every row names the model shape it ran and the tokens it decoded.
 
     python tests/bench.py                                   # CPU, a small random Llama (a few minutes)
     python tests/bench.py --config 8b --device cuda --rows 48 --prompt-len 160 --new-tokens 500 --compile
@@ -61,9 +64,7 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="also time the compiled engine (and, on a GPU, CUDA "
                    "graphs)")
-    p.add_argument("--decode-attention", choices=["math", "auto"], default="math", help="the engine's decode "
-                   "attention (latro.py --decode-attention): run both to compare")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up; the best is kept")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median and range)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for e2e (default: the shared SmolLM2's)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one measurement
     return p.parse_args(argv)
@@ -91,18 +92,31 @@ def sync(device):
 
 
 def timed(fn, device, repeats):
-    """(best seconds of `repeats` runs, seconds of the first run: warm-up, compilation and capture)."""
+    """(seconds of each of `repeats` runs, seconds of the first run: warm-up, compilation and capture)."""
     sync(device)
     t = time.perf_counter()
     fn()
     sync(device)
-    first, best = time.perf_counter() - t, float("inf")
+    first, runs = time.perf_counter() - t, []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best, first
+        runs.append(time.perf_counter() - t)
+    return runs, first
+
+
+def spread(values, scale=1.0, fmt="{:.2f}"):
+    """'median (min-max)' of a list, scaled."""
+    v = sorted(x * scale for x in values)
+    return f"{fmt.format(v[len(v) // 2])} ({fmt.format(v[0])}-{fmt.format(v[-1])})"
+
+
+def shape_of(lm) -> str:
+    c = lm.config
+    n = sum(p.numel() for p in lm.parameters())
+    return (f"{c.num_hidden_layers} x {c.hidden_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads, vocab "
+            f"{c.vocab_size}, {n / 1e6:.1f} M")
 
 
 def measure_sampler(args, which, lm, device):
@@ -110,23 +124,35 @@ def measure_sampler(args, which, lm, device):
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, V, (args.rows, args.prompt_len), generator=g)
     u = torch.rand(args.rows, args.new_tokens, generator=g, dtype=torch.float64)
+    moved = None
     if which == "hf_generate":
         ids = prompts.to(device)
         def fn():
             lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
     else:
-        # no stop ids: every row decodes --new-tokens tokens, like the official sampler
-        engine = latro.Engine(lm, [], compile=which != "engine", graphs=which == "engine_graphs",
-                              check_every=args.new_tokens, attention=args.decode_attention)
+        # no stop ids: every row decodes --new-tokens tokens, like the official sampler; no stop checks either
+        latro.STOP_CHECK_EVERY = args.new_tokens
+        if which != "engine":   # Inductor counts the bytes its kernels move, per compiled graph
+            torch._logging.set_logs(inductor_metrics=True)
+            from torch._inductor import metrics
+            metrics.reset()
+        engine = latro.Engine(lm, [], compile=which != "engine", graphs=which == "engine_graphs")
         rows = prompts.tolist()
         def fn():
             engine.generate(rows, args.new_tokens, uniforms=u)
     with torch.no_grad():
-        sec, first = timed(fn, device, args.repeats)
+        runs, first = timed(fn, device, args.repeats)
+        if which != "hf_generate" and which != "engine":
+            moved = metrics.num_bytes_accessed / max(1, len(engine.states))   # one decode-step graph per shape
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
-    return {"ms_per_step": 1000 * sec / args.new_tokens, "tokens_per_s": args.rows * args.new_tokens / sec,
-            "gb_per_s": weight_bytes * args.new_tokens / sec / 1e9, "warmup_s": first - sec}
+    c, S = lm.config, args.prompt_len + args.new_tokens / 2     # the cache read at the average step
+    kv_bytes = args.rows * S * c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    kv_bytes *= next(lm.parameters()).element_size()
+    return {"ms_per_step": [1000 * r / args.new_tokens for r in runs], "tokens": args.rows * args.new_tokens,
+            "ms_per_token": [1000 * r / args.new_tokens / args.rows for r in runs], "shape": shape_of(lm),
+            "gb_per_s": weight_bytes * args.new_tokens / sorted(runs)[len(runs) // 2] / 1e9, "warmup_s": first - min(runs),
+            "moved_gb": None if moved is None else moved / 1e9, "floor_gb": (weight_bytes + kv_bytes) / 1e9}
 
 
 def naive_logp(model, x, mask):
@@ -181,7 +207,7 @@ def measure_update(args, which, lm, device, dtype):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return {"s_per_rollout": timed(fn, device, args.repeats)[0] / K}
+    return {"s_per_rollout": [r / K for r in timed(fn, device, args.repeats)[0]], "shape": shape_of(lm)}
 
 
 def e2e_inputs(args, workdir):
@@ -208,23 +234,25 @@ def e2e_inputs(args, workdir):
 
 
 def measure_e2e(args, which, device, dtype):
-    """One whole step on `args.rows` = questions x K rows: latro.py itself, or the official-style step."""
+    """Whole steps on `args.rows` = questions x K rows: latro.py itself (its steps 2.., as logged), or the
+    official-style step (generate with output scores, no early stop, then the naive score + update) on the same
+    model; the first step of each is warm-up. Per step: sampling seconds, score + update seconds, tokens decoded."""
     questions = max(1, args.rows // args.k)
     with tempfile.TemporaryDirectory() as work:
         model, dataset = e2e_inputs(args, work)
         if which == "latro":
             cmd = [sys.executable, os.path.join(ROOT, "latro.py"), "--model", model, "--dataset", dataset, "--out",
                    os.path.join(work, "run"), "--k", str(args.k), "--questions-per-rank", str(questions),
-                   "--max-new-tokens", str(args.new_tokens), "--steps", "2", "--val-size", "4", "--eval-every", "0",
-                   "--heldout-questions", "0", "--lr", "1e-7", "--device", args.device, "--dtype", args.dtype,
-                   "--compile", "on" if args.compile else "off", "--decode-attention", args.decode_attention]
+                   "--max-new-tokens", str(args.new_tokens), "--steps", str(1 + args.repeats), "--val-size", "4",
+                   "--eval-every", "0", "--heldout-questions", "0", "--lr", "1e-7", "--device", args.device,
+                   "--dtype", args.dtype, "--compile", "on" if args.compile else "off", "--save-every", "0"]
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode:
                 raise SystemExit(f"latro.py failed:\n{p.stderr[-3000:]}")
-            rows = [json.loads(l) for l in open(os.path.join(work, "run", "metrics.jsonl"))]
-            step = rows[-1]  # step 2: compilation and first-use costs are behind it
-            return {"s_sample": step["t_sample"], "s_update": step["t_score"] + step["t_update"],
-                    "z_len": step["z_len"]}
+            steps = [r for r in map(json.loads, open(os.path.join(work, "run", "metrics.jsonl"))) if "reward" in r][1:]
+            return {"s_sample": [r["t_sample"] for r in steps], "s_update": [r["t_score"] + r["t_update"] for r in steps],
+                    "tokens": [r["z_len"] * args.rows for r in steps], "shape": json.load(open(os.path.join(
+                        model, "config.json")))["vocab_size"]}
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(model)
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device)
@@ -232,12 +260,11 @@ def measure_e2e(args, which, device, dtype):
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-7)
         ctx = torch.autocast(device.type, dtype=dtype) if dtype == torch.bfloat16 else torch.autocast("cpu", enabled=False)
         import data
-        exs = data.load_split(dataset, "train")[:questions]
-        prompts = data.prompt_ids(tok, exs)
+        prompts = data.prompt_ids(tok, data.load_split(dataset, "train")[:questions])
         P = max(len(p) for p in prompts)
         ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts for _ in range(args.k)], device=device)
         times = []
-        for _ in range(2):  # the second step is timed, as for latro.py
+        for _ in range(1 + args.repeats):   # the first is warm-up, as for latro.py
             sync(device)
             t0 = time.perf_counter()
             with torch.no_grad(), ctx:   # the official sampler: output scores, no early stop
@@ -252,7 +279,8 @@ def measure_e2e(args, which, device, dtype):
                 naive_update(lm, ref, opt, rows[q * args.k:(q + 1) * args.k], P, args.new_tokens, ctx, args.k)
             sync(device)
             times.append((t1 - t0, time.perf_counter() - t1))
-        return {"s_sample": times[-1][0], "s_update": times[-1][1], "z_len": float(args.new_tokens)}
+        return {"s_sample": [t[0] for t in times[1:]], "s_update": [t[1] for t in times[1:]],
+                "tokens": [ids.shape[0] * args.new_tokens] * args.repeats, "shape": lm.config.vocab_size}
 
 
 # the names ../shared/gpu/check.sh asks for: the eager engine, and the fastest compiled path of the device
@@ -303,29 +331,40 @@ def main():
         samplers = SAMPLERS[:2] + (SAMPLERS[2:3] if args.compile else []) + \
             (SAMPLERS[3:] if args.compile and args.device.startswith("cuda") else [])
         res = {s: child(args, f"sample:{s}") for s in samplers}
-        base = res["hf_generate"]["ms_per_step"]
-        print("\n| sampler | ms / decode step | tokens / s | weights GB/s | vs generate | peak GB |\n|---|---|---|---|---|---|")
+        med = lambda v: sorted(v)[len(v) // 2]
+        base = med(res["hf_generate"]["ms_per_step"])
+        print(f"\nsample: {res['hf_generate']['shape']}; each path decodes {res['hf_generate']['tokens']} tokens "
+              f"({args.rows} rows x {args.new_tokens}); median (range) of {args.repeats} runs")
+        print("\n| sampler | ms / decode step | ms / decoded token | weights GB/s | vs generate | peak GB |\n"
+              "|---|---|---|---|---|---|")
         for s, r in res.items():
-            print(f"| {s} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['gb_per_s']:.1f} | "
-                  f"{base / r['ms_per_step']:.2f}x | {r['peak_gb']:.2f} |")
+            print(f"| {s} | {spread(r['ms_per_step'])} | {spread(r['ms_per_token'], fmt='{:.3f}')} | "
+                  f"{r['gb_per_s']:.1f} | {base / med(r['ms_per_step']):.2f}x | {r['peak_gb']:.2f} |")
         for s, r in res.items():
             if s.startswith("engine_"):
-                print(f"warm-up of {s} (compilation{', capture' if 'graphs' in s else ''}): {r['warmup_s']:.1f} s")
+                print(f"warm-up of {s} (compilation{', capture' if 'graphs' in s else ''}): {r['warmup_s']:.1f} s; "
+                      f"bytes moved per decode step (Inductor's count): {r['moved_gb']:.3f} GB against a floor of "
+                      f"{r['floor_gb']:.3f} GB (weights + the KV cache read once)")
     if "update" in parts:
         up = {w: child(args, f"update:{w}") for w in ("naive", "fused")}
-        print("\n| score + update | s / rollout | vs naive | peak GB |\n|---|---|---|---|")
+        med = lambda v: sorted(v)[len(v) // 2]
+        print(f"\nupdate: {up['naive']['shape']}; {args.k} rollouts of {args.prompt_len} + {args.new_tokens} + "
+              f"{args.answer_len} tokens per call\n\n| score + update | s / rollout | vs naive | peak GB |\n|---|---|---|---|")
         for w, r in up.items():
-            print(f"| {w} | {r['s_per_rollout']:.4f} | {up['naive']['s_per_rollout'] / r['s_per_rollout']:.2f}x | "
-                  f"{r['peak_gb']:.2f} |")
+            print(f"| {w} | {spread(r['s_per_rollout'], fmt='{:.4f}')} | "
+                  f"{med(up['naive']['s_per_rollout']) / med(r['s_per_rollout']):.2f}x | {r['peak_gb']:.2f} |")
     if "e2e" in parts:
         e2e = {w: child(args, f"e2e:{w}") for w in ("official", "latro")}
-        total = lambda r: r["s_sample"] + r["s_update"]
-        print(f"\n| one whole step, {max(1, args.rows // args.k)} questions x K {args.k} | sample s | score + update s "
-              f"| total s | vs official |\n|---|---|---|---|---|")
+        med = lambda v: sorted(v)[len(v) // 2]
+        total = lambda r: [a + b for a, b in zip(r["s_sample"], r["s_update"])]
+        print(f"\ne2e: {max(1, args.rows // args.k)} questions x K {args.k} per step, vocab {e2e['latro']['shape']}, "
+              f"L {args.new_tokens}; median (range) of {args.repeats} steps after one warm-up step\n")
+        print("| one whole step | tokens decoded | sample s | ms / decoded token | score + update s | total s | vs official |"
+              "\n|---|---|---|---|---|---|---|")
         for w, r in e2e.items():
-            print(f"| {w} | {r['s_sample']:.2f} | {r['s_update']:.2f} | {total(r):.2f} | "
-                  f"{total(e2e['official']) / total(r):.2f}x |")
-
+            ms_tok = [1000 * s / max(t, 1) for s, t in zip(r["s_sample"], r["tokens"])]
+            print(f"| {w} | {med(r['tokens']):.0f} | {spread(r['s_sample'])} | {spread(ms_tok, fmt='{:.3f}')} | "
+                  f"{spread(r['s_update'])} | {spread(total(r))} | {med(total(e2e['official'])) / med(total(r)):.2f}x |")
 
 if __name__ == "__main__":
     main()

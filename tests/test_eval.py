@@ -2,12 +2,17 @@
 rows written atomically to a path that cannot collide, and the errors that come before any decoding."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 import data
 import eval as ev
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 
@@ -151,3 +156,73 @@ def test_checkpoint_folder_points_to_its_model(tmp_path, tiny_dir, toy_sets):
     shutil.copytree(tiny_dir, tmp_path / "checkpoint" / "model")
     p = run_cli(["--model", str(tmp_path / "checkpoint"), "--dataset", str(toy_sets / "gsm.jsonl")])
     assert p.returncode != 0 and "has no config.json" in p.stderr and "checkpoint/model" in p.stderr
+
+
+def test_wilson_and_paired_by_hand():
+    """Wilson's interval and the paired comparison against numbers worked out by hand."""
+    lo, hi = ev.wilson(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    row = lambda i, ok: {"index": i, "correct": {"official": ok, "strict": ok, "flexible": ok}}
+    base = [row(i, i < 5) for i in range(20)]              # 5 right
+    new = [row(i, 3 <= i < 12) for i in range(20)]         # 9 right: gained 5..11 (7), lost 0..2 (3)
+    p = ev.paired(new, base, "gsm8k")["official"]
+    assert (p["gained"], p["lost"], p["difference"]) == (7, 3, pytest.approx(0.2))
+    # McNemar exact: 2 * P(X <= 3), X ~ Binomial(10, 1/2) = 2 * 176 / 1024
+    assert p["mcnemar_p"] == pytest.approx(2 * 176 / 1024)
+    se = ((7 + 3 - 4 ** 2 / 20) ** 0.5) / 20
+    assert p["interval95"] == pytest.approx([0.2 - 1.96 * se, 0.2 + 1.96 * se])
+    with pytest.raises(SystemExit, match="not the same questions"):
+        ev.paired(new[:19], base, "gsm8k")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_an_interrupted_evaluation_continues(tiny_dir, tmp_path, sig):
+    """Rows are kept as each batch finishes; SIGINT / SIGTERM exit 130 / 143 with a line, SIGKILL just dies; the
+    same command then continues and ends with the same rows and summary as an uninterrupted evaluation."""
+    data_ = tmp_path / "q.jsonl"
+    data_.write_text("".join(json.dumps({"question": f"What is {i} times {i + 2}?", "answer": f"#### {i * (i + 2)}"})
+                             + "\n" for i in range(24)))
+    argv = ["--model", tiny_dir, "--dataset", str(data_), "--split", "train", "--batch-size", "1",
+            "--max-new-tokens", "48", "--samples", "2"]
+    ref = run_cli(argv + ["--out", str(tmp_path / "ref.jsonl")])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "cut.jsonl"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "eval.py"), *argv, "--out", str(out)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    part = tmp_path / "cut.jsonl.part0"
+    while p.poll() is None and not (part.exists() and part.read_text().count("\n") >= 4):
+        time.sleep(0.01)
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[sig], stderr[-2000:]
+    assert "Traceback" not in stderr and not out.exists() and part.read_text().count("\n") >= 4
+    if sig != signal.SIGKILL:
+        assert "run the same command to continue" in stdout
+    q = run_cli(argv + ["--out", str(out)])
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert out.read_text() == (tmp_path / "ref.jsonl").read_text() and not part.exists()
+    strip = lambda path: {k: v for k, v in json.load(open(str(path) + ".summary.json")).items()
+                          if k not in ("seconds", "rows")}
+    assert strip(out) == strip(tmp_path / "ref.jsonl")
+
+
+def test_out_that_is_a_folder_is_refused_before_decoding(tiny_dir, toy_sets, tmp_path):
+    p = run_cli(["--model", tiny_dir, "--dataset", str(toy_sets / "gsm.jsonl"), "--split", "train", "--out",
+                 str(tmp_path)])
+    assert p.returncode != 0 and "cannot write there (it is a folder)" in p.stderr and "eval:" not in p.stderr
+
+
+def test_a_model_that_writes_nothing_is_flagged(tmp_path, toy_sets, tiny_tok):
+    """Every output empty (here the final norm is zero: every logit 0, argmax the pad token, which decodes to
+    nothing): the summary carries a warning and the console says so."""
+    from conftest import build_tiny_model
+    lm = build_tiny_model(len(tiny_tok), eos_token_id=tiny_tok.eos_token_id, pad_token_id=tiny_tok.pad_token_id)
+    torch.nn.init.zeros_(lm.model.norm.weight)
+    lm.save_pretrained(tmp_path / "mute")
+    tiny_tok.save_pretrained(tmp_path / "mute")
+    p = run_cli(["--model", str(tmp_path / "mute"), "--dataset", str(toy_sets / "gsm.jsonl"), "--split", "train",
+                 "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "m.jsonl")])
+    assert p.returncode == 0 and "WARNING: every output is empty" in p.stdout
+    assert "every output is empty" in json.load(open(tmp_path / "m.jsonl.summary.json"))["warning"]

@@ -28,7 +28,4 @@ def test_heldout_self_reward_rises(smollm_dir, shared_data, tmp_path):
     assert gain > 1.0 and gain > 3 * statistics.stdev(diffs)
     # the memory plan (computed before any weights loaded) predicts each phase's peak RSS of a real model
     from test_distributed import assert_plan_predicts_the_peaks
-    steps = [r for r in rows if "reward" in r]
-    print("plan / measured GB:", [(r["step"], *[f"{r['plan_gb_' + ph]:.2f}/{r['peak_gb_' + ph]:.2f}"
-                                                for ph in ("sample", "score", "update")]) for r in steps])
-    assert_plan_predicts_the_peaks(steps)
+    assert_plan_predicts_the_peaks(tmp_path)

@@ -1,0 +1,312 @@
+"""Nothing lost (issue 15): a kill at any instant of a checkpoint write, a second run on the same folder, damaged
+checkpoints, a model that is not finite, rows too long for the model, everyday mistakes, an evaluation that is
+interrupted, and host memory on resume (rank 0 reads, the others receive)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import latro
+from conftest import ROOT, build_tiny_model, run_script
+from test_distributed import launch, metrics, start_long_run, toy_data  # noqa: F401  (toy_data is a fixture)
+
+METHOD_KEYS = ("step", "reward", "logp_y", "kl", "elbo", "loss", "unfinished", "z_len", "grad_norm", "lr",
+               "advantage_abs")
+KILL = ["--questions-per-rank", "2", "--steps", "3", "--save-every", "1", "--eval-every", "1"]
+
+
+def killed_run(out, tiny_dir, toy_data, at, extra=()):
+    """latro.py under tests/killhook.py: SIGKILL at the at-th filesystem step (0: run to the end)."""
+    args = ["--model", tiny_dir, "--dataset", toy_data, "--out", str(out), "--k", "3", "--max-new-tokens", "12",
+            "--val-size", "4", "--eval-max-new-tokens", "8", "--heldout-questions", "2", "--lr", "3e-3", "--seed", "1",
+            *KILL, *extra]
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "killhook.py"), str(at),
+                           os.path.join(ROOT, "latro.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=3600)
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_instant_of_the_writes_resumes_bit_exact(tmp_path, tiny_dir, toy_data):
+    """Kill -9 the run at instants spread over all of its filesystem steps (checkpoint and best/ writes, their
+    swaps and cleanups, metrics); then --resume (or, before any checkpoint exists, --overwrite) finishes the run
+    with exactly the weights and metrics of an uninterrupted run."""
+    ref = killed_run(tmp_path / "ref", tiny_dir, toy_data, 0)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    total = int(ref.stderr.rsplit("FS_STEPS ", 1)[1].split()[0])
+    want, want_rows = load_file(tmp_path / "ref" / "checkpoint" / "model" / "model.safetensors"), metrics(tmp_path / "ref")
+    for at in sorted({round(1 + i * (total - 2) / 9) for i in range(10)}):
+        out = tmp_path / f"k{at}"
+        p = killed_run(out, tiny_dir, toy_data, at)
+        assert p.returncode == -signal.SIGKILL, (at, p.stderr[-2000:])
+        q = killed_run(out, tiny_dir, toy_data, 0, ["--resume"])
+        if "--resume: no checkpoint" in q.stderr:
+            q = killed_run(out, tiny_dir, toy_data, 0, ["--overwrite"])
+        assert q.returncode == 0 and "Traceback" not in q.stderr, (at, q.stderr[-3000:])
+        got = load_file(out / "checkpoint" / "model" / "model.safetensors")
+        assert all(torch.equal(got[k], want[k]) for k in want), at
+        method = lambda rows: [{k: r[k] for k in METHOD_KEYS} for r in rows]   # timings and memory differ
+        assert method(metrics(out)[0]) == method(want_rows[0]), at               # exactly, not to a tolerance
+        assert not [f for f in os.listdir(out) if f.endswith((".tmp", ".old")) and f != "checkpoint.old"], at
+
+
+@pytest.mark.slow
+def test_one_run_one_folder(tmp_path, tiny_dir, toy_data):
+    """While a run holds its folder, a second run on it is refused in every mode, naming the holder; the first
+    run is not disturbed."""
+    out = tmp_path / "owned"
+    a = start_long_run(out, tiny_dir, toy_data)
+    try:
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            p = launch(out, tiny_dir, toy_data, 1, ["--questions-per-rank", "2", *extra], check=False)
+            assert p.returncode != 0 and "is in use by another run (pid" in p.stderr, (extra, p.stderr[-2000:])
+            assert f"pid {a.pid} on " in p.stderr and "Traceback" not in p.stderr
+    finally:
+        a.send_signal(signal.SIGTERM)
+        stdout, stderr = a.communicate(timeout=600)
+    assert a.returncode == 143, stderr[-2000:]
+    steps = [r["step"] for r in metrics(out)[0]]
+    assert steps == list(range(1, len(steps) + 1))                     # no step twice, none lost
+
+
+def damaged_runs(tmp_path, tiny_dir, toy_data):
+    """A run stopped after 2 steps: checkpoint/ (step 2) and checkpoint.old/ (step 1, confirmed by step 2)."""
+    out = tmp_path / "good"
+    launch(out, tiny_dir, toy_data, 1, ["--questions-per-rank", "2", "--steps", "3", "--save-every", "1",
+                                         "--stop-after", "2"])
+    return out
+
+
+def overwrite_middle(path, n=64):
+    """64 bytes of 0x7f in the middle of a file (in a header for small files, in tensor data for large ones)."""
+    with open(path, "r+b") as f:
+        f.seek(max(0, os.path.getsize(path) // 2 - n // 2))
+        f.write(b"\x7f" * n)
+
+
+def resume_args(out, tiny_dir, toy_data):
+    args = latro.get_args(["--model", tiny_dir, "--dataset", toy_data, "--out", str(out), "--k", "3",
+                           "--max-new-tokens", "12", "--steps", "3", "--val-size", "4", "--eval-every", "2",
+                           "--eval-max-new-tokens", "8", "--heldout-questions", "2", "--lr", "3e-3", "--seed", "1",
+                           "--questions-per-rank", "2", "--resume"])
+    args.dtype = "fp32"                      # as setup resolves it on a CPU
+    return latro.resolve_defaults(args, "gsm8k", 1, 36, 4)
+
+
+@pytest.mark.slow
+def test_every_damaged_file_gives_a_line_or_a_verified_fallback(tmp_path, tiny_dir, toy_data, capsys):
+    """Each file of the checkpoint in turn truncated, overwritten in the middle, or deleted: --resume names the
+    file and falls back to checkpoint.old (step 1); with both damaged, one line and no load. One damaged resume
+    runs end to end."""
+    good = damaged_runs(tmp_path, tiny_dir, toy_data)
+    files = sorted(os.path.relpath(os.path.join(d, n), good / "checkpoint")
+                   for d, _, names in os.walk(good / "checkpoint") for n in names)
+    assert {"model/model.safetensors", "state.pt", "resume.json", "manifest.json"} <= set(files)
+    damages = {"truncate": lambda p: os.truncate(p, os.path.getsize(p) // 2), "bytes": overwrite_middle,
+               "delete": os.remove}
+    for name in files:
+        for how, damage in damages.items():
+            out = tmp_path / "d"
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(good, out)
+            damage(out / "checkpoint" / name)
+            folder, state = latro.find_checkpoint(resume_args(out, tiny_dir, toy_data))
+            note = capsys.readouterr().out
+            assert folder.endswith("checkpoint.old") and state["step"] == 1, (name, how)
+            assert "falling back to" in note and (name.split("/")[-1] in note or "manifest" in note), (name, how, note)
+    shutil.rmtree(out)
+    shutil.copytree(good, out)
+    (out / "checkpoint" / "state.pt").write_bytes(b"garbage")
+    os.remove(out / "checkpoint.old" / "model" / "model.safetensors")
+    with pytest.raises(SystemExit, match=r"--resume: no checkpoint in .* that can be used: .*state.pt does not match "
+                                         r"its checksum .*model.safetensors is missing"):
+        latro.find_checkpoint(resume_args(out, tiny_dir, toy_data))
+    shutil.rmtree(out / "checkpoint.old")
+    shutil.copytree(good / "checkpoint.old", out / "checkpoint.old")
+    p = launch(out, tiny_dir, toy_data, 1, ["--questions-per-rank", "2", "--steps", "3", "--save-every", "1",
+                                             "--resume"])
+    assert "state.pt does not match its checksum (damaged); falling back to" in p.stdout
+    assert "resumed from" in p.stdout and metrics(out)[0][-1]["step"] == 3
+
+
+def test_resume_json_is_checked_for_sense(tmp_path, tiny_dir, toy_data):
+    out = tmp_path / "r" / "checkpoint"
+    out.mkdir(parents=True)
+    for text, message in [("{", "cannot be read"), ('{"step": 99, "confirmed": true, "best": null, "config": {}, '
+                                                     '"n_params": 1}', "says step 99, which is not within --steps 3"),
+                          ('{"step": 1}', "lacks confirmed, best, config, n_params")]:
+        (out / "resume.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            latro.read_resume(str(out), resume_args(tmp_path / "r", tiny_dir, toy_data))
+
+
+def test_interrupted_swaps_settle(tmp_path):
+    """Every state a kill can leave between the renames of a swap ends with one whole copy in place."""
+    def whole(path, text):
+        os.makedirs(path, exist_ok=True)
+        (path / "x").write_text(text)
+        latro.write_manifest(str(path))
+    base = tmp_path / "checkpoint"
+    whole(base, "new")                                       # done: a leftover partial .tmp goes
+    (tmp_path / "checkpoint.tmp").mkdir()
+    latro.settle(str(base))
+    assert (base / "x").read_text() == "new" and not (tmp_path / "checkpoint.tmp").exists()
+    shutil.rmtree(base)                                      # between the renames: .old whole, .tmp whole
+    whole(tmp_path / "checkpoint.old", "old")
+    whole(tmp_path / "checkpoint.tmp", "newer")
+    latro.settle(str(base))
+    assert (base / "x").read_text() == "newer" and (tmp_path / "checkpoint.old" / "x").read_text() == "old"
+    shutil.rmtree(base)                                      # .tmp only partly written: .old takes the place
+    (tmp_path / "checkpoint.tmp").mkdir()
+    latro.settle(str(base))
+    assert not (tmp_path / "checkpoint.old").exists() and (base / "x").read_text() == "old"
+    whole(tmp_path / "checkpoint.old", "stale")              # the reported case: a partial .old blocks nothing
+    (tmp_path / "checkpoint.old" / "manifest.json").unlink()
+    whole(tmp_path / "checkpoint.tmp", "half")
+    (tmp_path / "checkpoint.tmp" / "manifest.json").unlink()
+
+    def part(tmp, write):
+        os.makedirs(tmp)
+        (tmp_path / "checkpoint.tmp" / "x").write_text("next")
+    import torch.distributed as dist
+    latro.setup_distributed("cpu")
+    try:
+        latro.write_folder(str(base), [part], 0.0, "the checkpoint", True, keep_prev=True)
+    finally:
+        dist.destroy_process_group()
+    assert (base / "x").read_text() == "next" and (tmp_path / "checkpoint.old" / "x").read_text() == "old"
+    assert latro.verify(str(base)) is None and not (tmp_path / "checkpoint.tmp").exists()
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory, tiny_dir):
+    """A model with a NaN weight, and one whose tokenizer has neither eos nor pad."""
+    from transformers import AutoTokenizer
+    root = tmp_path_factory.mktemp("broken")
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    lm = build_tiny_model(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        lm.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    lm.save_pretrained(root / "nan")
+    tok.save_pretrained(root / "nan")
+    shutil.copytree(tiny_dir, root / "noeos")
+    cfg = json.load(open(root / "noeos" / "tokenizer_config.json"))
+    cfg.update(eos_token=None, pad_token=None, chat_template=None)
+    json.dump(cfg, open(root / "noeos" / "tokenizer_config.json", "w"))
+    if (root / "noeos" / "chat_template.jinja").exists():
+        os.remove(root / "noeos" / "chat_template.jinja")
+    return root
+
+
+@pytest.mark.parametrize("case", ["nan model", "no eos", "run folder", "out is a file", "out under a file",
+                                  "huge seed", "tpu", "cuda without a gpu", "long row"])
+def test_everyday_mistakes_give_one_line(tmp_path, tiny_dir, toy_data, broken_models, case):
+    """Each in latro.py and (where it applies) eval.py: one line naming the culprit, no traceback, before any
+    training or decoding."""
+    run_dir = tmp_path / "run"
+    (run_dir / "best").mkdir(parents=True)
+    shutil.copytree(tiny_dir, run_dir / "best", dirs_exist_ok=True)
+    json.dump({"k": 3, "beta": 0.05}, open(run_dir / "config.json", "w"))
+    open(run_dir / "metrics.jsonl", "w").close()
+    (tmp_path / "afile").write_text("")
+    long_rows = tmp_path / "long.jsonl"
+    long_rows.write_text(open(toy_data).read() + json.dumps({"question": "Janet has eggs. " * 300,
+                                                            "answer": "#### 1"}) + "\n")
+    model, data_, extra, message = tiny_dir, toy_data, [], None
+    if case == "nan model":
+        model, message = str(broken_models / "nan"), "of its tensors hold NaN or inf values"
+    elif case == "no eos":
+        model, message = str(broken_models / "noeos"), "its tokenizer has neither an eos nor a pad token"
+    elif case == "run folder":
+        model, message = str(run_dir), f"(it is a latro.py run folder); the models in it are {run_dir / 'best'}"
+    elif case == "huge seed":
+        extra, message = ["--seed", "1180591620717411303424"], "argument --seed: 1180591620717411303424 must be >= 0 and <="
+    elif case == "tpu":
+        extra, message = ["--device", "tpu:7"], "--device 'tpu:7': latro runs on cpu or cuda"
+    elif case == "cuda without a gpu":
+        extra, message = ["--device", "cuda"], "--device 'cuda': no GPU is visible to this process"
+    elif case == "long row":
+        data_, message = str(long_rows), f"{long_rows} line 41: the prompt is"
+    if case.startswith("out"):
+        out = tmp_path / "afile" if case == "out is a file" else tmp_path / "afile" / "x"
+        p = launch(out, model, data_, 1, extra, check=False)
+        assert p.returncode != 0 and "--out" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+        return
+    p = launch(tmp_path / "o", model, data_, 1, extra, check=False)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    if case in ("nan model", "run folder", "long row", "tpu"):
+        q = run_script("eval.py", ["--model", model, "--dataset", data_, "--split", "train", "--max-new-tokens",
+                                   "8", "--out", str(tmp_path / "e.jsonl"), *extra])
+        assert q.returncode != 0 and "Traceback" not in q.stderr, q.stderr[-2000:]
+        assert message.split(":")[0].replace("--seed", "") in q.stderr or message in q.stderr, q.stderr[-2000:]
+
+
+def test_disk_full_in_a_tokenizer_save_and_on_the_metrics_append(tmp_path):
+    """A bare Exception from a part (the tokenizer's save on a full disk) is a failed write like any other; a
+    failed metrics append stops the run at the step's end with one line."""
+    import torch.distributed as dist
+    latro.setup_distributed("cpu")
+    try:
+        def bad(tmp, write):
+            os.makedirs(tmp)
+            raise Exception("No space left on device (os error 28)")
+        with pytest.raises(SystemExit, match=r"cannot write the best model to .*No space left on device"):
+            latro.write_folder(str(tmp_path / "best"), [bad], 1.0, "the best model", True)
+        assert not (tmp_path / "best.tmp").exists()
+        run = SimpleNamespace(master=True, metrics=str(tmp_path / "nodir" / "metrics.jsonl"), error=None,
+                              device=torch.device("cpu"))
+        latro.log(run, {"step": 1}, "step 1")
+        with pytest.raises(SystemExit, match=r"cannot append to .*metrics.jsonl \(No such file or directory\); "
+                                             r"stopping, the last checkpoint is kept"):
+            latro.stop_requested(run, SimpleNamespace(received=0))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_beta_overflow_blames_beta(tmp_path, tiny_dir, toy_data):
+    p = launch(tmp_path / "b", tiny_dir, toy_data, 1, ["--questions-per-rank", "2", "--beta", "1e300", "--steps",
+                                                          "8"], check=False)
+    assert p.returncode == 1 and "the self-rewards overflowed: lower --beta or --penalty" in p.stderr
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_so_at_once(tmp_path, tiny_dir, toy_data):
+    out = tmp_path / "f"
+    launch(out, tiny_dir, toy_data, 1, ["--questions-per-rank", "2", "--steps", "2"])
+    p = launch(out, tiny_dir, toy_data, 1, ["--questions-per-rank", "2", "--steps", "2", "--resume"])
+    assert "has finished all 2 steps (checkpoint at step 2); nothing to do" in p.stdout
+    assert "held-out" not in p.stderr + p.stdout and "resumed from" not in p.stdout
+
+
+@pytest.mark.slow
+def test_resume_reads_the_full_state_on_rank_0_only(tmp_path, toy_data):
+    """2 sharded processes resume a 34 M-parameter model: rank 0 reads the whole model and AdamW state (about
+    0.4 GB), rank 1 only receives its shards, so its host peak stays well under rank 0's."""
+    from conftest import build_tokenizer
+    tok, folder = build_tokenizer(), tmp_path / "m"
+    lm = build_tiny_model(len(tok), hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                          num_attention_heads=8, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    full_gb = 12 * sum(p.numel() for p in lm.parameters()) / 2**30           # fp32 weights + AdamW m, v
+    extra = ["--questions-per-rank", "1", "--k", "2", "--max-new-tokens", "4", "--eval-every", "0",
+             "--heldout-questions", "0", "--parallel", "shard", "--steps", "2"]
+    launch(tmp_path / "r", str(folder), toy_data, 2, extra + ["--stop-after", "1"])
+    launch(tmp_path / "r", str(folder), toy_data, 2, extra + ["--resume"])
+    peaks = [r["load_peak_gb"] for r in json_rows(tmp_path / "r") if "load_peak_gb" in r][-1]
+    print(f"host peak after resume, per rank: {peaks} GB; full state {full_gb:.2f} GB")
+    assert peaks[1] < peaks[0] - 0.5 * full_gb
+
+
+def json_rows(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]

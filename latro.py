@@ -1016,7 +1016,7 @@ def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int
               "gpu", "run" if graphs else "sample"),
              ("FSDP2 whole layers in flight", (2 * Ln + root) * cb, "gpu", "score update save"),
              ("activations of one micro-batch", act, "gpu", "score"),
-             ("log-prob chunk (fp32 logits, softmax, grad)", LOGPROB_CHUNK * V * 18, "gpu", "score"),
+             ("log-prob chunk (fp32 logits, softmax, grad)", min(LOGPROB_CHUNK, micro_tokens) * V * 18, "gpu", "score"),
              ("LM-head weight gradient of a chunk", V * H * cb, "gpu", "score"),
              ("root gradients, unsharded in backward (+ fp32)", root * (cb + 4), "gpu", "score"),
              ("reduce-scatter staging of 2 layers (fp32)", 2 * Ln * 4, "gpu", "score"),

@@ -24,7 +24,7 @@ CORPUS = ["Let's think step by step. The answer is 18. So, the answer is 42. The
           "Janet has 16 eggs. She eats 3 and bakes 4, so 16 - 3 - 4 = 9 eggs remain. 9 * 2 = 18."] * 20
 
 
-def run_script(script: str, argv: list, nproc: int = 1, timeout: int = 600, one_thread: bool = True):
+def run_script(script: str, argv: list, nproc: int = 1, timeout: int = 3600, one_thread: bool = True):
     """Run a repo script as a user would: `python SCRIPT ...`, or `torchrun --nproc_per_node=N SCRIPT ...`
     (gloo on CPU), offline. One thread per process by default, so that runs compared across world sizes
     use the same kernels. Returns the CompletedProcess with text output."""

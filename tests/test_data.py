@@ -242,3 +242,25 @@ def test_error_hub_unreachable(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(data.DataError, match="cannot load openai/gsm8k .* pass a local file or folder"):
         data.load_split("gsm8k", "test")
+
+
+def test_arith_generator_splits_never_share_a_problem():
+    """arith[:SEED]: GSM8K-shaped rows whose golds are right, the same for a seed, other for another seed, and
+    train / validation / test built from disjoint sets of problems (start, operations, numbers)."""
+    import re
+    problem = lambda e: tuple(re.findall(r"\d+|gets|gives", e.question))
+    splits = {s: data.load_split("arith", s) for s in ("train", "validation", "test")}
+    assert [len(v) for v in splits.values()] == [4000, 500, 1000] and splits["test"][0].task == "gsm8k"
+    sets = {s: {problem(e) for e in v} for s, v in splits.items()}
+    assert not sets["train"] & sets["test"] and not sets["train"] & sets["validation"]
+    assert not sets["validation"] & sets["test"]
+    for e in splits["test"][:200]:   # the gold is the arithmetic of the question
+        numbers, value = [int(n) for n in re.findall(r"\d+", e.question)], 0
+        ops = ["+"] + re.findall(r"gets|gives", e.question)
+        value = sum(n if op in ("+", "gets") else -n for n, op in zip(numbers, ops))
+        assert str(value) == e.gold and e.where.startswith("arith:0 test row")
+    again, other = data.load_split("arith:0", "test"), data.load_split("arith:1", "test")
+    assert [e.question for e in again] == [e.question for e in splits["test"]]
+    assert {problem(e) for e in other} != sets["test"]
+    with pytest.raises(data.DataError, match="no split 'dev'"):
+        data.load_split("arith", "dev")

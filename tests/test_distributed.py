@@ -28,7 +28,7 @@ def toy_data(tmp_path_factory):
     return str(path)
 
 
-def launch(out, model, dataset, nproc=1, extra=(), check=True, timeout=600):
+def launch(out, model, dataset, nproc=1, extra=(), check=True, timeout=3600):
     args = ["--model", model, "--dataset", dataset, "--out", str(out), "--k", "3", "--max-new-tokens", "12",
             "--steps", str(STEPS), "--val-size", "4", "--eval-every", "2", "--eval-max-new-tokens", "8",
             "--heldout-questions", "2", "--lr", "3e-3", "--seed", "1", *extra]
@@ -64,18 +64,20 @@ def assert_same_run(a, b, steps=None, rel=1e-4, atol=1e-4):
 
 
 def assert_plan_predicts_the_peaks(out, tolerance=0.15):
-    """The memory plan, recomputed from the run's config.json at each step's largest micro-batch, predicts the
-    process's peak host memory (a CPU run: everything is host memory) within `tolerance`."""
+    """The memory plan, recomputed from the run's config.json at the run's largest micro-batch, predicts the
+    process's peak host memory over its steps (a CPU run: everything is host memory) within `tolerance`.
+    The peak is the run's, not one step's: the AdamW state exists only after the first update."""
     import argparse
     import latro
     cfg = json.load(open(os.path.join(out, "config.json")))
     shape = latro.model_shape(latro.load_config(cfg["model"]))
-    for r in metrics(out)[0]:
-        rows = latro.memory_plan(shape, argparse.Namespace(**cfg), cfg["world"], cfg["parallel"], False,
-                                 cfg["prompt_len"], cfg["runtime_gb"], tokens=r["tokens"])
-        plan = max(h for _, h in latro.plan_peaks(rows).values())
-        peak = max(r[f"peak_gb_{phase}"] for phase in ("sample", "score", "update"))
-        assert abs(plan / peak - 1) < tolerance, (r["step"], plan, peak)
+    steps = metrics(out)[0]
+    rows = latro.memory_plan(shape, argparse.Namespace(**cfg), cfg["world"], cfg["parallel"], False,
+                             cfg["prompt_len"], cfg["runtime_gb"], tokens=max(r["tokens"] for r in steps))
+    phases = ("sample", "score", "update")   # the phases a step measures (load and save are not steps)
+    plan = {phase: h for phase, (_, h) in latro.plan_peaks(rows).items() if phase in phases}
+    peak = max(r[f"peak_gb_{phase}"] for r in steps for phase in phases)
+    assert abs(max(plan.values()) / peak - 1) < tolerance, (plan, peak)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,7 @@ def test_three_processes_and_uneven_validation(tmp_path, tiny_dir, toy_data, mod
     """3 ranks, 2 held-out questions and 4 validation questions: no rank waits for another at validation, and
     the run is the one a single process makes with the same global batch."""
     extra = ["--global-questions", "3", "--steps", "2"]
-    launch(tmp_path / "three", tiny_dir, toy_data, 3, extra + ["--parallel", mode], timeout=240)
+    launch(tmp_path / "three", tiny_dir, toy_data, 3, extra + ["--parallel", mode], timeout=3600)   # a hang guard (it once deadlocked)
     launch(tmp_path / "one", tiny_dir, toy_data, 1, extra)
     vals = metrics(tmp_path / "three")[1]
     assert [v["step"] for v in vals] == [0, 2] and all(v["val_n"] == 4 for v in vals)
@@ -185,7 +187,7 @@ def test_two_nodes_with_c10d_rendezvous(tmp_path, tiny_dir, toy_data):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     nodes = [subprocess.Popen(cmd + common + ["--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [n.communicate(timeout=300) for n in nodes]
+    results = [n.communicate(timeout=3600) for n in nodes]
     assert all(n.returncode == 0 for n in nodes), results[0][1][-3000:]
     launch(tmp_path / "single", tiny_dir, toy_data, 1, ["--global-questions", "2", "--steps", "2",
                                                           "--heldout-questions", "3"])
@@ -339,7 +341,7 @@ def test_signals_end_the_step_cleanly(tmp_path, tiny_dir, toy_data, sig, code):
     out = tmp_path / "sig"
     p = start_long_run(out, tiny_dir, toy_data)
     p.send_signal(sig)
-    stdout, stderr = p.communicate(timeout=120)
+    stdout, stderr = p.communicate(timeout=3600)
     assert p.returncode == code and "Traceback" not in stderr, stderr[-2000:]
     done = metrics(out)[0][-1]["step"]
     assert f"{sig.name}: {done} of 400 steps" in stdout
@@ -347,7 +349,7 @@ def test_signals_end_the_step_cleanly(tmp_path, tiny_dir, toy_data, sig, code):
     if sig == signal.SIGTERM:
         assert json.load(open(out / "checkpoint" / "resume.json"))["step"] == done
         q = start_long_run(out, tiny_dir, toy_data, ["--resume", "--stop-after", str(done + 1)])
-        assert q.wait(timeout=120) == 0 and metrics(out)[0][-1]["step"] == done + 1
+        assert q.wait(timeout=3600) == 0 and metrics(out)[0][-1]["step"] == done + 1
     else:
         assert not os.path.exists(out / "checkpoint")
 
@@ -374,10 +376,12 @@ def test_failed_write_names_the_path_and_keeps_the_last_good_copy(tmp_path, monk
         with pytest.raises(SystemExit, match=r"cannot write the checkpoint to .*checkpoint \(about 3.0 GB\): "
                                              r"\[Errno 28\] No space left on device; the partial copy was removed"):
             latro.write_folder(str(good), [first, second], 3.0, "the checkpoint", True)
+        assert calls == [False]
+        assert not (tmp_path / "checkpoint.tmp").exists() and (good / "state.pt").read_text() == "good"
+        monkeypatch.setattr(latro.shutil, "disk_usage", lambda p: type("U", (), {"free": 2 * 2**30})())
+        with pytest.raises(SystemExit, match=r"needs about 5.0 GB and the disk has 2.0 GB free; the last good copy"):
+            latro.write_folder(str(good), [second], 5.0, "the checkpoint", True)
+        assert calls == [False]   # refused before any part runs
     finally:
         dist.destroy_process_group()
-    assert calls == [False]
     assert not (tmp_path / "checkpoint.tmp").exists() and (good / "state.pt").read_text() == "good"
-    monkeypatch.setattr(latro.shutil, "disk_usage", lambda p: type("U", (), {"free": 2 * 2**30})())
-    message = latro.check_disk(str(good), 5.0, "the checkpoint")
-    assert "needs about 5.0 GB and the disk has 2.0 GB free" in message

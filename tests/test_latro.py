@@ -582,3 +582,29 @@ def test_warm_up_stays_within_L(tiny_tok, L):
     assert engine.generate(prompts, L, uniforms=u) == plain_generate(lm, prompts, L, tiny_tok.pad_token_id, [],
                                                                      uniforms=u)
     assert engine.late_compiles() == 0
+
+
+def test_a_decode_step_that_fails_to_compile_stops_at_start_up_naming_the_flag(tiny_tok, monkeypatch):
+    def broken(fn, **kw):
+        def step(st):
+            raise RuntimeError("inductor: no kernel for this")
+        return step
+    monkeypatch.setattr(latro.torch, "compile", broken)
+    engine = latro.Engine(build_tiny_model(len(tiny_tok), seed=1), [], compile=True)
+    with pytest.raises(SystemExit, match=r"failed to compile for 8 rows x \(64 \+ 8\) tokens \(RuntimeError: inductor: "
+                                         r"no kernel for this\); --compile off turns that part off"):
+        engine.prepare({engine.shape(3, 10, 8)})
+
+
+@pytest.mark.slow
+def test_nothing_compiles_after_start_up_unless_a_shape_was_missed(tiny_tok, capsys):
+    """After `prepare`, the shapes it compiled run without compiling; a shape it did not see compiles, warns and
+    is counted in late_compiles (dynamo's own count)."""
+    torch._dynamo.reset()
+    engine = latro.Engine(build_tiny_model(len(tiny_tok), seed=1), [], compile=True)
+    prompt = tiny_tok.encode("Eggs", add_special_tokens=False)
+    engine.prepare({engine.shape(3, len(prompt), 8)})
+    engine.generate([prompt] * 3, 8)
+    assert engine.late_compiles() == 0
+    engine.generate([prompt] * 12, 8)                       # 16 rows after bucketing: not prepared
+    assert engine.late_compiles() >= 1 and "compiles mid-run" in capsys.readouterr().err

@@ -13,9 +13,9 @@ from conftest import ROOT, run_script
 README = open(os.path.join(ROOT, "README.md")).read()
 
 
-def command(marker: str) -> list:
-    """The argv (after the script name) of the README line holding `marker`."""
-    line = next(l for l in README.splitlines() if marker in l and ("latro.py" in l or "eval.py" in l))
+def command(marker: str, without: str = "\0") -> list:
+    """(script, argv after the script name) of the README command line holding `marker` (and not `without`)."""
+    line = next(l for l in README.splitlines() if marker in l and without not in l and ("latro.py" in l or "eval.py" in l))
     script = "latro.py" if "latro.py --model" in line else "eval.py"
     return script, shlex.split(line.split(script, 1)[1].split("#")[0])
 
@@ -55,10 +55,11 @@ def test_teaching_run_commands_and_summary_fields(smollm_dir, tmp_path):
                        max_new_tokens=16, eval_max_new_tokens=16)
     p = run_script("latro.py", train, timeout=7200, one_thread=False)
     assert p.returncode == 0, p.stderr[-3000:]
-    _, base = command("runs/eval/base.jsonl --")
+    _, base = command("--out runs/eval/base.jsonl", without="--paired-with")
     _, trained = command("--paired-with runs/eval/base.jsonl")
     shrink = dict(limit=8, max_new_tokens=16)
     base = with_flags(base, model=smollm_dir, out=tmp_path / "base.jsonl", **shrink)
+    assert trained[trained.index("--model") + 1] == "runs/teach/best"
     trained = with_flags(trained, model=tmp_path / "teach" / "best", out=tmp_path / "trained.jsonl",
                          paired_with=tmp_path / "base.jsonl", **shrink)
     for argv in (base, trained):

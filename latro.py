@@ -838,10 +838,15 @@ def train_state_gb(model, opt) -> float:
     return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**30
 
 def peak_gb(device) -> float:
-    """The allocator's peak since its last reset on a GPU; this process's peak resident memory on a CPU."""
+    """The allocator's peak since its last reset on a GPU; this process's peak resident memory on a CPU: VmHWM,
+    not ru_maxrss, which also holds the peak of the parent that spawned it (Linux keeps it across exec)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux (VmHWM)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**20   # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 class Meter:
     """Seconds and peak memory of each phase of a step: lap() starts a step, lap(phase) ends a phase."""
@@ -1451,10 +1456,18 @@ def describe(run, shape: dict, plan_inputs: dict):
 
 if __name__ == "__main__":
     try:
-        main()
+        code = main() or 0
     except KeyboardInterrupt:   # the second Ctrl-C: no traceback, no half-written folder
         out = get_args().out
         for name in ("checkpoint", "best") if int(os.environ.get("RANK", 0)) == 0 else ():
             settle(os.path.join(out, name))
         print0(f"\ninterrupted; the last checkpoint in {out} is kept (continue with --resume)")
         raise SystemExit(130)
+    except SystemExit as e:     # an error's message goes on as usual; a status (130, 143) ends as below
+        if not isinstance(e.code, int):
+            raise
+        code = e.code
+    if "RANK" in os.environ:    # under torchrun, after the group is closed: skip the interpreter's teardown, in
+        sys.stdout.flush(), sys.stderr.flush()   # which gloo's worker threads can abort a finished run (SIGABRT,
+        os._exit(code)                           # "terminate called without an active exception")
+    raise SystemExit(code)

@@ -3,6 +3,7 @@ separate forwards and Hugging Face's cross-entropy, masks, y tokenised in contex
 plain decode loop (several model families, greedy and sampled, compiled), truncation rules, the memory plan, and
 the flags."""
 import math
+import os
 
 import pytest
 import torch
@@ -608,3 +609,16 @@ def test_nothing_compiles_after_start_up_unless_a_shape_was_missed(tiny_tok, cap
     assert engine.late_compiles() == 0
     engine.generate([prompt] * 12, 8)                       # 16 rows after bucketing: not prepared
     assert engine.late_compiles() >= 1 and "compiles mid-run" in capsys.readouterr().err
+
+
+def test_host_peak_is_this_process_own_not_its_parents():
+    """A run's measured host peak and its 'runtime' in the plan are the process's own: ru_maxrss would also hold
+    the peak of the process that spawned it (pytest with 1.5 GB here; a CI run's pytest with 2 GB made the plan
+    of a SmolLM2 run read 2.0 GB of runtime instead of 0.4)."""
+    import subprocess
+    import sys
+    big = torch.ones(1536 * 2**20 // 4)   # 1.5 GB resident in this process
+    code = "import torch, latro; print(latro.peak_gb(torch.device('cpu')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(latro.__file__), capture_output=True,
+                         text=True, check=True).stdout
+    assert big.sum() > 0 and float(out) < 1.0, out

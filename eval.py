@@ -262,8 +262,7 @@ def on_signal(signum, frame):
 
 def main(argv=None):
     args = get_args(argv)
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar(), hf_logging.set_verbosity_error()   # eval's own progress only
+    latro.quiet_transformers()
     rank, world, device = latro.setup_distributed(args.device)
     dtype = latro.pick_dtype(args.dtype, device)
     args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"

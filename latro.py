@@ -642,6 +642,12 @@ def load_config(name: str):
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model {name!r}: cannot read its config ({type(e).__name__}: {str(e)[:300]})") from None
 
+def quiet_transformers():
+    """transformers' own bars ("Loading weights", "Writing model shards") and warnings off: latro.py and eval.py
+    show their own progress."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar(), hf_logging.set_verbosity_error()
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
     try:
@@ -1324,8 +1330,7 @@ def setup(args):
     """Everything before the first step: data (every row checked), the memory plan (before any weights load),
     the run folder, models, the engine, AdamW, resume state and the held-out rollouts. None when there is
     nothing to run: --plan-only, or a resumed run that has finished."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar(), hf_logging.set_verbosity_error()   # latro's own progress only
+    quiet_transformers()
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed), random.seed(args.seed)
     gpu = device.type == "cuda" or bool(args.plan_only and args.gpu_memory_gb)   # or planning for GPUs

@@ -34,7 +34,7 @@ Commands:
     python eval.py --model runs/latro/best --dataset arith --paired-with runs/eval/base.jsonl
     torchrun --nproc_per_node=8 eval.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k
 """
-import glob, hashlib, json, math, os, re, signal, time
+import fcntl, glob, hashlib, json, math, os, re, signal, sys, time
 from collections import Counter
 
 import torch
@@ -49,8 +49,7 @@ ROW_FLAGS = ("model", "dataset", "split", "limit", "max_new_tokens", "samples", 
 def get_args(argv=None):
     p = latro.Parser(description="Greedy zero-shot GSM8K / ARC-Challenge scoring.")
     a = p.add_argument
-    a("--model", required=True, help="hub name, local model folder, or a latro.py model (OUT/best, "
-      "OUT/checkpoint/model)")
+    a("--model", required=True, help="hub name, local folder, or a latro.py model (OUT/best, OUT/checkpoint/model)")
     a("--dataset", required=True, help="gsm8k | arc_challenge | arith[:SEED] | hub id | local file or folder")
     a("--split", default="test", help="dataset split")
     a("--limit", type=latro.POSITIVE, default=None, help="score only the first N questions")
@@ -58,17 +57,14 @@ def get_args(argv=None):
     a("--max-new-tokens", type=latro.POSITIVE, default=500, help="generation limit (paper: 500)")
     a("--samples", type=latro.COUNT, default=0, help="k for maj@k: k samples at T=1 per question (paper: 8); 0 = off")
     a("--seed", type=latro.SEED, default=0, help="seed of the maj@k samples")
-    a("--out", default=None, help="per-question JSONL (the summary goes to OUT.summary.json); default: "
-      "runs/eval/<model path>-<dataset>-<split>.jsonl")
-    a("--paired-with", default=None, help="rows (JSONL) of another model's evaluation on the same questions: adds "
-      "the paired difference, its 95%% interval and McNemar's p per rule")
+    a("--out", default=None, help="per-question JSONL, the summary in OUT.summary.json; default: under runs/eval/")
+    a("--paired-with", default=None, help="another model's OUT, same questions: difference, 95%% interval, McNemar p")
     a("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 on GPU, fp32 on CPU")
     a("--compile", **latro.ONOFF, help="torch.compile the decode step (auto: GPU)")
     a("--cuda-graphs", **latro.ONOFF, help="CUDA-graph the decode step (auto: GPU)")
     a("--device", default=None, help="override the device (cpu, cuda:0)")
     args = p.parse_args(argv)
-    if args.samples == 1:
-        p.error("argument --samples: use 0 (off) or k >= 2 for maj@k")
+    p.error("argument --samples: use 0 (off) or k >= 2 for maj@k") if args.samples == 1 else None
     return args
 
 def default_out(model: str, dataset: str, split: str) -> str:
@@ -78,15 +74,21 @@ def default_out(model: str, dataset: str, split: str) -> str:
     key = hashlib.sha1(f"{os.path.abspath(model)}|{os.path.abspath(dataset)}".encode()).hexdigest()[:8]
     return os.path.join("runs", "eval", f"{slug(model)}-{slug(dataset)}-{split}-{key}.jsonl")
 
-def check_writable(path: str):
-    """Fail before the expensive part: make the folder and write (then remove) a probe next to `path`."""
+def claim_out(path: str):
+    """Fail before the expensive part: make the folder, write (then remove) a probe next to `path`, and hold
+    path.lock (flock, released when this process ends) so that two evaluations never append to one OUT."""
     try:
         if os.path.isdir(path):
             raise IsADirectoryError(21, "it is a folder")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         open(path + ".probe", "w").close(), os.remove(path + ".probe")
+        [f.close() for f in latro.LOCKS if f.name == path + ".lock"]   # this process's, from an earlier call
+        latro.LOCKS.append(open(path + ".lock", "a"))
+        fcntl.flock(latro.LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return f"--out {path!r} is in use by another evaluation: wait for it or pass another --out"
     except OSError as e:
-        raise SystemExit(f"--out {path!r}: cannot write there ({e.strerror or e}); pass another --out") from None
+        return f"--out {path!r}: cannot write there ({e.strerror or e}); pass another --out"
 
 def write_atomic(path: str, text: str):
     """Write `text` to path.tmp, then rename it over `path`: a reader never sees half a file."""
@@ -127,10 +129,8 @@ def majority(values: list):
     """The most common parsed answer (None votes do not count; ties go to the earliest), or None."""
     keys = [None if v is None else vote_key(v) for v in values]
     votes = Counter(k for k in keys if k is not None)   # an unparseable sample is an abstention, not a vote
-    if not votes:
-        return None
-    top = max(votes.values())
-    return next(v for v, k in zip(values, keys) if k is not None and votes[k] == top)
+    top = max(votes.values(), default=0)
+    return next((v for v, k in zip(values, keys) if k is not None and votes[k] == top), None)
 
 def judge(ex, outputs: list) -> dict:
     """Parse one question's outputs (greedy first, then samples) with every rule."""
@@ -185,6 +185,7 @@ def paired(rows: list, base: list, task: str) -> dict:
     return out
 
 # ----------------------------------------------------------------------------------------------------------
+# Decoding (rows appended as they come), continuing an interrupted evaluation, and the report
 
 def evaluate(engine, tok, examples: list, indices: list, args, part, bar) -> list:
     """Rows for the given (index, example) pairs, appended to `part` (flushed) as each batch finishes."""
@@ -206,8 +207,7 @@ def evaluate(engine, tok, examples: list, indices: list, args, part, bar) -> lis
             row = {"index": i, "id": e.id, "prompt": tok.decode(p), "output": outputs[0], "finished": f,
                    "tokens": len(g), "gold": e.gold, **judge(e, outputs)}
             rows.append(row | ({"samples": outputs[1:]} if s else {}))
-        part.write("".join(json.dumps(r) + "\n" for r in rows[-len(exs):]))
-        part.flush()
+        part.write("".join(json.dumps(r) + "\n" for r in rows[-len(exs):])), part.flush()   # on disk at once
         bar.update(len(exs) * dist.get_world_size())
     return rows
 
@@ -216,14 +216,13 @@ def rows_so_far(out: str, flags: dict) -> dict:
     done = {}
     for path in sorted(glob.glob(glob.escape(out) + ".part*")):
         lines = open(path).read().splitlines()
-        if lines and lines[0].startswith('{"flags"') and json.loads(lines[0])["flags"] != flags:
-            raise SystemExit(f"{path} holds an unfinished evaluation with other flags: delete {out}.part* or pass "
-                             f"another --out")
+        if len(lines) > 1 and lines[0] != json.dumps({"flags": flags}):   # (a lone header holds no rows)
+            raise SystemExit(f"{path}: an unfinished evaluation with other flags: delete {out}.part* or another --out")
         for line in lines[1:]:
             try:
                 row = json.loads(line)
                 done[row["index"]] = row
-            except (ValueError, KeyError):   # a line a kill cut short: that question is decoded again
+            except (ValueError, KeyError, TypeError):   # a line a kill cut short: that question is decoded again
                 pass
     return done
 
@@ -250,8 +249,7 @@ def report(args, rows: list, base: list, task: str, out: str, seconds: float, wo
         lo, hi = r["interval95"]
         print(f"{task} {name:>9} vs paired: {100 * r['difference']:+.1f} points (95% {100 * lo:+.1f} to "
               f"{100 * hi:+.1f}), gained {r['gained']}, lost {r['lost']}, McNemar p {r['mcnemar_p']:.3g}")
-    if "warning" in summary:
-        print(f"WARNING: {summary['warning']}")
+    print(f"WARNING: {summary['warning']}") if "warning" in summary else None
     return summary
 
 class Stopped(Exception):
@@ -271,8 +269,6 @@ def main(argv=None):
         raise SystemExit("--cuda-graphs on needs a GPU")
     out = args.out or default_out(args.model, args.dataset, args.split)
     cfg = latro.load_config(args.model)   # fails on a wrong path before any work
-    if rank == 0:
-        check_writable(out)
     try:
         examples = data.load_split(args.dataset, args.split)[:args.limit]
     except data.DataError as e:
@@ -286,34 +282,39 @@ def main(argv=None):
     try:   # the other model's rows, read now: a bad file must not cost the decoding
         base = [json.loads(l) for l in open(args.paired_with)] if args.paired_with else None
         assert base is None or sorted(r["index"] for r in base) == list(range(len(examples))), "other questions"
-    except (OSError, ValueError, KeyError, AssertionError) as e:
+        assert base is None or all(set(RULES[examples[0].task]) <= set(r["correct"]) for r in base), "another task"
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise SystemExit(f"--paired-with {args.paired_with!r}: not the rows of these questions ({e})") from None
+    latro.rank0_verdict(claim_out(out) if rank == 0 else None)   # every rank stops if rank 0 cannot write
     lm = latro.load_plain(cfg, latro.read_on_rank0(args.model, rank == 0), dtype, device)
-    engine = latro.Engine(lm, latro.stop_token_ids(tok, args.model), auto(args.compile),
-                          auto(args.cuda_graphs))
-    todo = [i for i in range(len(examples)) if i not in done]
-    mine = todo[rank::world]                        # rows strided by rank
-    t0, part_path = time.time(), f"{out}.part{rank}"
-    signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    engine = latro.Engine(lm, latro.stop_token_ids(tok, args.model), auto(args.compile), auto(args.cuda_graphs))
+    mine = [i for i in range(len(examples)) if i not in done][rank::world]   # the rows left, strided by rank
+    t0, part_path, signals = time.time(), f"{out}.part{rank}", (signal.SIGINT, signal.SIGTERM)
+    handlers = [signal.signal(s, on_signal) for s in signals]   # the caller's, back once the rows are on disk
     text = open(part_path).read() if os.path.exists(part_path) else ""
-    with open(part_path, "a") as part, tqdm(total=len(examples), initial=len(done), disable=rank != 0,
-                                            desc="eval", unit="q") as bar:
-        # a new file starts with the flags; an old one may end in a line cut short by a kill: close it
-        part.write(json.dumps({"flags": flags}) + "\n" if not text else "" if text.endswith("\n") else "\n")
+    text = text if text.startswith(json.dumps({"flags": flags}) + "\n") else ""   # no rows yet: start it again
+    with open(part_path, "a" if text else "w") as part, tqdm(total=len(examples), initial=len(done), desc="eval",
+                                                             unit="q", disable=rank != 0) as bar:
         try:
+            part.write(json.dumps({"flags": flags}) + "\n" if not text else "" if text.endswith("\n") else "\n")
             evaluate(engine, tok, [examples[i] for i in mine], mine, args, part, bar)
         except Stopped as s:
             bar.close()
             print(f"\n{signal.Signals(s.args[0]).name}: stopped; the rows of finished batches are in {part_path}: "
                   f"run the same command to continue", flush=True)
             raise SystemExit(128 + s.args[0]) from None
+        except OSError as e:   # a full disk: every finished batch is on disk, and the same command continues
+            raise SystemExit(f"cannot append to {part_path} ({e.strerror}); the rows so far are kept") from None
+        finally:
+            [signal.signal(s, h) for s, h in zip(signals, handlers)]
     latro.close_distributed()   # every rank's part file is complete
     if rank == 0:
         rows = sorted(rows_so_far(out, flags).values(), key=lambda r: r["index"])
         report(args, rows, base, examples[0].task, out, time.time() - t0, world, device)
-        for path in glob.glob(glob.escape(out) + ".part*"):
-            os.remove(path)
+        [os.remove(path) for path in glob.glob(glob.escape(out) + ".part*") + [out + ".lock"]]
         return rows
 
 if __name__ == "__main__":
     main()
+    if "RANK" in os.environ:   # under torchrun, as latro.py: no interpreter teardown, where gloo's threads can abort
+        sys.stdout.flush(), sys.stderr.flush(), os._exit(0)

@@ -1237,7 +1237,7 @@ def find_checkpoint(args):
     """On rank 0, before anything loads: (folder, resume.json) of the newest checkpoint whose files match their
     checksums, checkpoint/ or else checkpoint.old/ (saying what was wrong with the other)."""
     base, found, notes = os.path.join(args.out, "checkpoint"), [], []
-    settle(base)
+    [settle(os.path.join(args.out, name)) for name in ("checkpoint", "best")]   # what a kill left, in both
     for folder in filter(os.path.isdir, (base, base + ".old")):
         try:
             problem = verify(folder)

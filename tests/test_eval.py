@@ -227,3 +227,79 @@ def test_a_model_that_writes_nothing_is_flagged(tmp_path, toy_sets, tiny_tok):
                  "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "m.jsonl")])
     assert p.returncode == 0 and "WARNING: every output is empty" in p.stdout
     assert "every output is empty" in json.load(open(tmp_path / "m.jsonl.summary.json"))["warning"]
+
+
+def test_two_evaluations_never_share_an_out(tiny_dir, toy_sets, tmp_path):
+    """While one evaluation holds OUT (its lock), a second on the same OUT is refused before decoding, in one
+    line; the first ends with no lock file left, and OUT is free again."""
+    import fcntl
+    out, gsm = tmp_path / "rows.jsonl", ["--dataset", str(toy_sets / "gsm.jsonl"), "--split", "train"]
+    with open(str(out) + ".lock", "a") as held:        # as a running evaluation holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = run_cli(["--model", tiny_dir, *gsm, "--max-new-tokens", "8", "--out", str(out)])
+    assert p.returncode != 0 and "in use by another evaluation" in p.stderr and "Traceback" not in p.stderr
+    assert "eval:" not in p.stderr and not out.exists()
+    ev.main(["--model", tiny_dir, *gsm, "--max-new-tokens", "8", "--out", str(out)])   # released: it runs
+    assert len(rows_of(out)) == 10 and sorted(os.listdir(tmp_path)) == ["rows.jsonl", "rows.jsonl.summary.json"]
+    ev.main(["--model", tiny_dir, *gsm, "--max-new-tokens", "8", "--out", str(out)])   # and again, same process
+    assert len(rows_of(out)) == 10
+
+
+def test_paired_with_rows_of_another_task_are_refused_before_decoding(tiny_dir, toy_sets, tmp_path):
+    """Rows with the same indices but not this task's rules (ARC rows against GSM8K questions) would only fail
+    in the report, after all the decoding: they are refused first, naming --paired-with."""
+    arc = tmp_path / "arc.jsonl"
+    ev.main(["--model", tiny_dir, "--dataset", str(toy_sets / "arc.jsonl"), "--split", "train", "--max-new-tokens",
+             "8", "--out", str(arc)])
+    p = run_cli(["--model", tiny_dir, "--dataset", str(toy_sets / "gsm.jsonl"), "--split", "train", "--limit", "6",
+                 "--max-new-tokens", "8", "--out", str(tmp_path / "gsm.jsonl"), "--paired-with", str(arc)])
+    assert p.returncode != 0 and "--paired-with" in p.stderr and "another task" in p.stderr
+    assert "Traceback" not in p.stderr and "eval:" not in p.stderr
+
+
+def test_part_files_cut_short_or_from_other_flags(tiny_dir, toy_sets, tmp_path):
+    """A part file that holds no row (its flags header cut short by a kill, or another run's header alone) is
+    started again, and the evaluation ends with the rows of a clean run. One with rows under other flags is
+    refused, in one line."""
+    argv = ["--model", tiny_dir, "--dataset", str(toy_sets / "gsm.jsonl"), "--split", "train", "--max-new-tokens", "8"]
+    ev.main(argv + ["--out", str(tmp_path / "ref.jsonl")])
+    out = tmp_path / "cut.jsonl"
+    for header in ('{"flags": {"model": "', json.dumps({"flags": {"limit": 3}}) + "\n"):   # cut short; no rows
+        (tmp_path / "cut.jsonl.part0").write_text(header)
+        ev.main(argv + ["--out", str(out)])
+        assert out.read_text() == (tmp_path / "ref.jsonl").read_text()
+    (tmp_path / "other.jsonl.part0").write_text(json.dumps({"flags": {"limit": 3}}) + "\n" + json.dumps(
+        {"index": 0}) + "\n")
+    p = run_cli(argv + ["--out", str(tmp_path / "other.jsonl")])
+    assert p.returncode != 0 and "other flags" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_full_disk_while_appending_rows_keeps_them(tiny_dir, toy_sets, tmp_path, monkeypatch):
+    """The disk fills after the first batch: one line, no traceback, the first batch's rows stay in the part
+    file, the caller's signal handlers are back, and the same command then ends with a clean run's rows."""
+    argv = ["--model", tiny_dir, "--dataset", str(toy_sets / "gsm.jsonl"), "--split", "train", "--batch-size", "4",
+            "--max-new-tokens", "8"]
+    ev.main(argv + ["--out", str(tmp_path / "ref.jsonl")])
+    real, out = ev.evaluate, tmp_path / "full.jsonl"
+
+    class FullAfterOneBatch:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes > 1:
+                raise OSError(28, "No space left on device")
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+    monkeypatch.setattr(ev, "evaluate", lambda *a: real(*a[:5], FullAfterOneBatch(a[5]), a[6]))
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit, match=r"cannot append to .*full.jsonl.part0 \(No space left on device\); the rows"):
+        ev.main(argv + ["--out", str(out)])
+    assert signal.getsignal(signal.SIGINT) is before and not out.exists()
+    assert len((tmp_path / "full.jsonl.part0").read_text().splitlines()) == 1 + 4    # the flags and one batch
+    monkeypatch.undo()
+    ev.main(argv + ["--out", str(out)])
+    assert out.read_text() == (tmp_path / "ref.jsonl").read_text()

@@ -187,6 +187,17 @@ def test_interrupted_swaps_settle(tmp_path):
     assert latro.verify(str(base)) is None and not (tmp_path / "checkpoint.tmp").exists()
 
 
+def test_resume_settles_best_too(tmp_path):
+    """A kill between best/'s renames leaves best.old and best.tmp and no best/; a resumed run may never write
+    best/ again (no better step), so --resume puts the newest whole copy in place before anything else."""
+    for name, text in (("best.old", "old"), ("best.tmp", "new")):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "x").write_text(text)
+        latro.write_manifest(str(tmp_path / name))
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        latro.find_checkpoint(SimpleNamespace(out=str(tmp_path), steps=4))
+    assert (tmp_path / "best" / "x").read_text() == "new" and not (tmp_path / "best.tmp").exists()
+
 @pytest.fixture(scope="module")
 def broken_models(tmp_path_factory, tiny_dir):
     """A model with a NaN weight, and one whose tokenizer has neither eos nor pad."""

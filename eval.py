@@ -291,12 +291,12 @@ def main(argv=None):
     mine = [i for i in range(len(examples)) if i not in done][rank::world]   # the rows left, strided by rank
     t0, part_path, signals = time.time(), f"{out}.part{rank}", (signal.SIGINT, signal.SIGTERM)
     handlers = [signal.signal(s, on_signal) for s in signals]   # the caller's, back once the rows are on disk
-    text = open(part_path).read() if os.path.exists(part_path) else ""
-    text = text if text.startswith(json.dumps({"flags": flags}) + "\n") else ""   # no rows yet: start it again
+    header, text = json.dumps({"flags": flags}) + "\n", open(part_path).read() if os.path.exists(part_path) else ""
+    text = text if text.startswith(header) else ""   # no rows yet (or a header cut short): start it again
     with open(part_path, "a" if text else "w") as part, tqdm(total=len(examples), initial=len(done), desc="eval",
                                                              unit="q", disable=rank != 0) as bar:
         try:
-            part.write(json.dumps({"flags": flags}) + "\n" if not text else "" if text.endswith("\n") else "\n")
+            part.write(header if not text else "" if text.endswith("\n") else "\n")   # a cut row gets its end
             evaluate(engine, tok, [examples[i] for i in mine], mine, args, part, bar)
         except Stopped as s:
             bar.close()

@@ -145,7 +145,7 @@ def _raw_rows(name_or_path: str, split: str) -> list:
     key = HUB_ALIASES.get(name_or_path, name_or_path)
     if key not in DATASETS:
         raise DataError(f"dataset {name_or_path!r} is neither an existing file/folder nor a known name "
-                        f"({', '.join(list(DATASETS) + list(HUB_ALIASES))})")
+                        f"({', '.join(list(DATASETS) + list(HUB_ALIASES))}, arith[:SEED] with SEED >= 0)")
     import datasets
     hub, config = DATASETS[key]
     try:

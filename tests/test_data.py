@@ -202,6 +202,8 @@ def test_error_unsupported_format_and_missing_path(tmp_path):
         data.load_split(str(tmp_path / "train.csv"), "train")
     with pytest.raises(data.DataError, match="no/such/folder.*neither an existing file/folder nor a known name"):
         data.load_split("no/such/folder", "train")
+    with pytest.raises(data.DataError, match=r"'arith:abc' is neither.*arith\[:SEED\] with SEED >= 0"):
+        data.load_split("arith:abc", "train")   # a mistyped generator seed names the form it wanted
     with pytest.raises(data.DataError, match="no validation file"):
         write_jsonl(tmp_path / "train.jsonl", [GOOD])
         data.load_split(str(tmp_path), "validation")

@@ -704,8 +704,12 @@ def meta_model(cfg, dtype):
 def read_weights(name: str) -> dict:
     """Every tensor (parameters and buffers, fp32, host memory) of the model at `name`, checked finite."""
     from transformers import AutoModelForCausalLM
+    path = model_path(name)
+    for marker, folder, only in (("best.json", path, ""), ("resume.json", os.path.dirname(os.path.normpath(path)), "model/")):
+        if os.path.isfile(os.path.join(folder, marker)) and (problem := verify(folder, only)):   # latro.py's copy
+            raise SystemExit(f"--model {name!r}: {problem}: latro.py wrote it with checksums, and it changed since")
     try:
-        lm = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32, attn_implementation="sdpa")
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model {name!r}: cannot load it ({type(e).__name__}: {str(e)[:300]})") from None
     if getattr(lm.config, "final_logit_softcapping", None):
@@ -1131,13 +1135,13 @@ def write_manifest(folder: str):
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump({n: [os.path.getsize(os.path.join(folder, n)), sha256(os.path.join(folder, n))] for n in files}, f)
 
-def verify(folder: str):
-    """None if every file of the manifest is there with its size and checksum, else what is wrong."""
+def verify(folder: str, only: str = ""):
+    """None if every file of the manifest (under `only`) is there with its size and checksum, else what is wrong."""
     try:
         sums = json.load(open(os.path.join(folder, "manifest.json")))
     except (OSError, ValueError):
         return "its manifest.json is missing or unreadable (an unfinished write)"
-    for name, (size, digest) in sums.items():
+    for name, (size, digest) in [(n, s) for n, s in sums.items() if n.startswith(only)]:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             return f"{path} is missing"

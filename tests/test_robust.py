@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import eval as ev
 import latro
 from conftest import ROOT, build_tiny_model, run_script
 from test_distributed import launch, metrics, start_long_run, toy_data  # noqa: F401  (toy_data is a fixture)
@@ -197,6 +198,25 @@ def test_resume_settles_best_too(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         latro.find_checkpoint(SimpleNamespace(out=str(tmp_path), steps=4))
     assert (tmp_path / "best" / "x").read_text() == "new" and not (tmp_path / "best.tmp").exists()
+
+def test_a_changed_model_that_latro_wrote_is_refused_before_use(tmp_path, tiny_dir):
+    """best/ and checkpoint/model carry checksums (manifest.json): a byte changed since latro.py wrote them is
+    named when eval.py or latro.py loads the model, not scored or trained on; a plain model folder loads as ever."""
+    best, ckpt = tmp_path / "best", tmp_path / "checkpoint"
+    shutil.copytree(tiny_dir, best), shutil.copytree(tiny_dir, ckpt / "model")
+    (best / "best.json").write_text("{}"), (ckpt / "resume.json").write_text("{}")
+    latro.write_manifest(str(best)), latro.write_manifest(str(ckpt))
+    for folder in (tiny_dir, best, ckpt / "model", f"{ckpt / 'model'}/"):
+        assert "model.embed_tokens.weight" in latro.read_weights(str(folder))
+    for folder in (best, ckpt / "model"):
+        overwrite_middle(folder / "model.safetensors")    # tensor data: finite values, the same size
+        for name in (str(folder), f"{folder}/"):
+            with pytest.raises(SystemExit, match=r"model.safetensors does not match its checksum .*changed since"):
+                latro.read_weights(name)
+    with pytest.raises(SystemExit, match="does not match its checksum"):
+        ev.main(["--model", str(best), "--dataset", "arith", "--limit", "2", "--out", str(tmp_path / "e.jsonl")])
+    assert not (tmp_path / "e.jsonl.part0").exists()   # nothing decoded
+
 
 @pytest.fixture(scope="module")
 def broken_models(tmp_path_factory, tiny_dir):

@@ -72,3 +72,10 @@ def test_teaching_run_commands_and_summary_fields(smollm_dir, tmp_path):
         assert {"difference", "interval95", "gained", "lost", "mcnemar_p"} <= set(summary["paired"][rule])
     for field in ("interval95", "mcnemar_p", "unfinished", "mean_tokens"):   # the README names what it reports
         assert field in README
+
+
+def test_no_unfilled_template_fields():
+    """Figures are filled into the README by hand or by script: a `{NAME}` left behind is a figure never written."""
+    import re
+    prose = re.sub(r"```.*?```", "", README, flags=re.S)   # code blocks may hold braces
+    assert not re.findall(r"\{[A-Z][A-Z0-9_]{2,}\}", prose)

@@ -701,12 +701,14 @@ def meta_model(cfg, dtype):
             m.attention_dropout = 0.0
     return lm.eval()
 
-def read_weights(name: str) -> dict:
-    """Every tensor (parameters and buffers, fp32, host memory) of the model at `name`, checked finite."""
+def read_weights(name: str, verified: bool = False) -> dict:
+    """Every tensor (parameters and buffers, fp32, host memory) of the model at `name`, checked finite; a copy
+    latro.py wrote (best/, checkpoint/model) is first checked against its manifest, unless already `verified`
+    (a checkpoint on --resume: find_checkpoint hashed every file of it a moment ago)."""
     from transformers import AutoModelForCausalLM
-    path = model_path(name)
-    for marker, folder, only in (("best.json", path, ""), ("resume.json", os.path.dirname(os.path.normpath(path)), "model/")):
-        if os.path.isfile(os.path.join(folder, marker)) and (problem := verify(folder, only)):   # latro.py's copy
+    parent = os.path.dirname(os.path.normpath(path := model_path(name)))
+    for marker, folder, only in [] if verified else [("best.json", path, ""), ("resume.json", parent, "model/")]:
+        if os.path.isfile(os.path.join(folder, marker)) and (problem := verify(folder, only)):
             raise SystemExit(f"--model {name!r}: {problem}: latro.py wrote it with checksums, and it changed since")
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
@@ -720,11 +722,11 @@ def read_weights(name: str) -> dict:
                          f"the model itself is damaged, and training or evaluating it means nothing")
     return full
 
-def read_on_rank0(name: str, master: bool):
+def read_on_rank0(name: str, master: bool, verified: bool = False):
     """Rank 0 alone reads the whole model; every rank hears if that failed. The others never hold it whole."""
     full, error = None, None
     try:
-        full = read_weights(name) if master else None
+        full = read_weights(name, verified) if master else None
     except SystemExit as e:
         error = str(e)
     rank0_verdict(error)
@@ -1391,7 +1393,7 @@ def build(run, ckpt):
     the engine with every decode shape compiled, AdamW, and the held-out rollouts. Rank 0 alone reads each
     model and the others receive their part: host memory holds one whole copy per node, not one per rank."""
     a, dev = run.args, run.device
-    full = read_on_rank0(os.path.join(ckpt, "model") if ckpt else a.model, run.master)
+    full = read_on_rank0(os.path.join(ckpt, "model") if ckpt else a.model, run.master, verified=ckpt is not None)
     lm = meta_model(run.cfg, torch.float32)   # the policy keeps fp32 master weights: lr 5e-7 vanishes in bf16
     if a.grad_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

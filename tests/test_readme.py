@@ -4,6 +4,7 @@ summary has every field the README reports. Claims, not digits: float kernels di
 turns those differences into other tokens, so the README quotes rounded figures with the spread it saw."""
 import json
 import os
+import re
 import shlex
 
 import pytest
@@ -76,6 +77,5 @@ def test_teaching_run_commands_and_summary_fields(smollm_dir, tmp_path):
 
 def test_no_unfilled_template_fields():
     """Figures are filled into the README by hand or by script: a `{NAME}` left behind is a figure never written."""
-    import re
     prose = re.sub(r"```.*?```", "", README, flags=re.S)   # code blocks may hold braces
     assert not re.findall(r"\{[A-Z][A-Z0-9_]{2,}\}", prose)

@@ -199,6 +199,7 @@ def test_resume_settles_best_too(tmp_path):
         latro.find_checkpoint(SimpleNamespace(out=str(tmp_path), steps=4))
     assert (tmp_path / "best" / "x").read_text() == "new" and not (tmp_path / "best.tmp").exists()
 
+
 def test_a_changed_model_that_latro_wrote_is_refused_before_use(tmp_path, tiny_dir):
     """best/ and checkpoint/model carry checksums (manifest.json): a byte changed since latro.py wrote them is
     named when eval.py or latro.py loads the model, not scored or trained on; a plain model folder loads as ever."""

@@ -67,36 +67,32 @@ def get_args(argv=None):
     p.error("argument --samples: use 0 (off) or k >= 2 for maj@k") if args.samples == 1 else None
     return args
 
-def default_out(model: str, dataset: str, split: str) -> str:
-    """runs/eval/<the model's whole path>-<dataset>-<split>.jsonl, plus a short hash of the absolute paths, so
-    that two models (every run's OUT/best) never write the same file."""
+def default_out(model: str, dataset: str, split: str, flags: dict = None) -> str:
+    """runs/eval/<the model's whole path>-<dataset>-<split>.jsonl, plus a short hash of the absolute paths and the
+    flags that decide the rows, so that two models (every run's OUT/best), or two --limit, never share a file."""
     slug = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.normpath(s)).strip("_.") or "model"
-    key = hashlib.sha1(f"{os.path.abspath(model)}|{os.path.abspath(dataset)}".encode()).hexdigest()[:8]
+    key = hashlib.sha1(f"{os.path.abspath(model)}|{os.path.abspath(dataset)}|{flags}".encode()).hexdigest()[:8]
     return os.path.join("runs", "eval", f"{slug(model)}-{slug(dataset)}-{split}-{key}.jsonl")
 
-def claim_out(path: str):
+def claim_out(path: str, flags: dict):
     """Fail before the expensive part: make the folder, write (then remove) a probe next to `path`, and hold
-    path.lock (flock, released when this process ends) so that two evaluations never append to one OUT."""
+    path.lock (flock, released when this process ends) so that two evaluations never append to one OUT. An OUT
+    that is not eval.py's, or holds an evaluation under other flags (its summary says), is never written over."""
     try:
-        if os.path.isdir(path):
-            raise IsADirectoryError(21, "it is a folder")
+        if os.path.isdir(path) or os.path.isfile(path) and open(path, errors="replace").read(8) not in ("", '{"index"'):
+            raise FileExistsError(17, "it is a folder" if os.path.isdir(path) else "it is not eval.py's rows")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         open(path + ".probe", "w").close(), os.remove(path + ".probe")
         [f.close() for f in latro.LOCKS if f.name == path + ".lock"]   # this process's, from an earlier call
         latro.LOCKS.append(open(path + ".lock", "a"))
         fcntl.flock(latro.LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        old = json.load(open(path + ".summary.json")) if os.path.isfile(path + ".summary.json") else {}
+        if isinstance(old, dict) and old.get("flags", flags) != flags:   # hours of rows, not lost to a typo
+            return f"--out {path!r} holds an evaluation with other flags (its .summary.json): pass another --out"
     except BlockingIOError:
         return f"--out {path!r} is in use by another evaluation: wait for it or pass another --out"
-    except OSError as e:
+    except (OSError, ValueError) as e:
         return f"--out {path!r}: cannot write there ({e.strerror or e}); pass another --out"
-
-def write_atomic(path: str, text: str):
-    """Write `text` to path.tmp, then rename it over `path`: a reader never sees half a file."""
-    try:
-        open(path + ".tmp", "w").write(text), os.replace(path + ".tmp", path)
-    except OSError as e:
-        latro.remove(path + ".tmp")
-        raise SystemExit(f"cannot write {path}: {e.strerror or e}") from None
 
 # ----------------------------------------------------------------------------------------------------------
 # Rules: name -> (extract(text, ex) -> answer or None, correct(answer, ex) -> bool)
@@ -215,7 +211,7 @@ def rows_so_far(out: str, flags: dict) -> dict:
     """{index: row} already in OUT.part* from an earlier, interrupted run with the same flags."""
     done = {}
     for path in sorted(glob.glob(glob.escape(out) + ".part*")):
-        lines = open(path).read().splitlines()
+        lines = open(path, errors="replace").read().splitlines()
         if len(lines) > 1 and lines[0] != json.dumps({"flags": flags}):   # (a lone header holds no rows)
             raise SystemExit(f"{path}: an unfinished evaluation with other flags: delete {out}.part* or another --out")
         for line in lines[1:]:
@@ -230,14 +226,15 @@ def report(args, rows: list, base: list, task: str, out: str, seconds: float, wo
     """OUT and OUT.summary.json, written atomically, and one line per rule (and per paired comparison)."""
     summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": len(rows),
                "max_new_tokens": args.max_new_tokens, "samples": args.samples, "seconds": seconds, "world": world,
+               "flags": {k: getattr(args, k) for k in ROW_FLAGS},
                "device": device.type, "rows": out, "unfinished": sum(not r["finished"] for r in rows) / len(rows),
                "mean_tokens": sum(r["tokens"] for r in rows) / len(rows), "rules": summarize(rows, task, args.samples)}
     if base is not None:
         summary |= {"paired_with": args.paired_with, "paired": paired(rows, base, task)}
     if all(not r["output"].strip() for r in rows):
         summary["warning"] = "every output is empty: the model writes nothing (a damaged model, or a wrong template)"
-    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-    write_atomic(out + ".summary.json", json.dumps(summary, indent=1))
+    latro.write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    latro.write_atomic(out + ".summary.json", json.dumps(summary, indent=1))
     print(f"model {args.model} | {args.dataset} {args.split} | {len(rows)} questions | greedy, "
           f"{args.max_new_tokens} new tokens | unfinished {summary['unfinished']:.3f}, mean length "
           f"{summary['mean_tokens']:.1f} tokens | {seconds:.0f} s on {world} x {device.type} | rows: {out}")
@@ -267,31 +264,33 @@ def main(argv=None):
     auto = lambda flag: flag == "on" or (flag == "auto" and device.type == "cuda")
     if auto(args.cuda_graphs) and device.type != "cuda":
         raise SystemExit("--cuda-graphs on needs a GPU")
-    out = args.out or default_out(args.model, args.dataset, args.split)
+    flags = {k: getattr(args, k) for k in ROW_FLAGS}   # the flags that decide the rows
+    out = args.out or default_out(args.model, args.dataset, args.split, flags)
     cfg = latro.load_config(args.model)   # fails on a wrong path before any work
     try:
         examples = data.load_split(args.dataset, args.split)[:args.limit]
     except data.DataError as e:
         raise SystemExit(f"--dataset {args.dataset!r}: {e}") from None
-    tok = latro.load_tokenizer(args.model)
+    tok = latro.load_tokenizer(args.model, getattr(cfg, "vocab_size", None))
     prompts = data.prompt_ids(tok, examples)
     latro.check_lengths(tok, examples, [len(p) for p in prompts], args.max_new_tokens, latro.context_length(cfg),
                         answer=False)
-    flags, base = {k: getattr(args, k) for k in ROW_FLAGS}, None
-    done = rows_so_far(out, flags)
+    done, base = rows_so_far(out, flags), None
     try:   # the other model's rows, read now: a bad file must not cost the decoding
         base = [json.loads(l) for l in open(args.paired_with)] if args.paired_with else None
         assert base is None or sorted(r["index"] for r in base) == list(range(len(examples))), "other questions"
         assert base is None or all(set(RULES[examples[0].task]) <= set(r["correct"]) for r in base), "another task"
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        raise SystemExit(f"--paired-with {args.paired_with!r}: not the rows of these questions ({e})") from None
-    latro.rank0_verdict(claim_out(out) if rank == 0 else None)   # every rank stops if rank 0 cannot write
+        assert not (base and os.path.exists(out) and os.path.samefile(args.paired_with, out)), "it is --out too"
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:   # (--out would be written over)
+        raise SystemExit(f"--paired-with {args.paired_with!r}: cannot be compared with these rows ({e})") from None
+    latro.rank0_verdict(claim_out(out, flags) if rank == 0 else None)   # every rank stops if rank 0 cannot write
     lm = latro.load_plain(cfg, latro.read_on_rank0(args.model, rank == 0), dtype, device)
     engine = latro.Engine(lm, latro.stop_token_ids(tok, args.model), auto(args.compile), auto(args.cuda_graphs))
     mine = [i for i in range(len(examples)) if i not in done][rank::world]   # the rows left, strided by rank
     t0, part_path, signals = time.time(), f"{out}.part{rank}", (signal.SIGINT, signal.SIGTERM)
     handlers = [signal.signal(s, on_signal) for s in signals]   # the caller's, back once the rows are on disk
-    header, text = json.dumps({"flags": flags}) + "\n", open(part_path).read() if os.path.exists(part_path) else ""
+    header = json.dumps({"flags": flags}) + "\n"   # (a part file's bytes that are not text are not a row)
+    text = open(part_path, errors="replace").read() if os.path.exists(part_path) else ""
     text = text if text.startswith(header) else ""   # no rows yet (or a header cut short): start it again
     with open(part_path, "a" if text else "w") as part, tqdm(total=len(examples), initial=len(done), desc="eval",
                                                              unit="q", disable=rank != 0) as bar:

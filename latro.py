@@ -625,15 +625,19 @@ def model_path(name: str) -> str:
         return name  # a hub id never starts like a path
     if not os.path.isdir(path):
         raise SystemExit(f"--model {name!r}: no such folder")
-    try:
-        if "model_type" in json.load(open(os.path.join(path, "config.json"))):
-            return path
-    except (OSError, ValueError):
-        pass
+    if is_model_folder(path):
+        return path
     inside = [os.path.join(path, d) for d in ("best", "model", "checkpoint/model") if os.path.isdir(os.path.join(path, d))]
     raise SystemExit(f"--model {name!r}: this folder has no config.json of a model, so it is not a model"
                      + " (it is a latro.py run folder)" * os.path.isfile(os.path.join(path, "metrics.jsonl"))
                      + (f"; the models in it are {' and '.join(inside)}" if inside else ""))
+
+def is_model_folder(path: str) -> bool:
+    """A folder holding a model's config.json (one that names its model_type; a run's config.json does not)."""
+    try:
+        return "model_type" in json.load(open(os.path.join(path, "config.json")))
+    except (OSError, ValueError, TypeError):
+        return False
 
 def load_config(name: str):
     from transformers import AutoConfig
@@ -648,12 +652,16 @@ def quiet_transformers():
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar(), hf_logging.set_verbosity_error()
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, vocab: int = None):
+    """The model's tokenizer, checked: it has an eos or a pad token, and no id past the model's `vocab` rows."""
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(model_path(name))
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model {name!r}: cannot load its tokenizer ({type(e).__name__}: {str(e)[:300]})") from None
+    if vocab and len(tok) > vocab:   # an id past the embedding: an IndexError on a CPU, a device assert on a GPU
+        raise SystemExit(f"--model {name!r}: its tokenizer has {len(tok)} tokens, more than the {vocab} rows of its "
+                         f"embedding (vocab_size in config.json): the tokenizer or the config is another model's")
     if tok.pad_token_id is None and tok.eos_token_id is None:
         raise SystemExit(f"--model {name!r}: its tokenizer has neither an eos nor a pad token, so rationales cannot "
                          f"end and rows cannot be padded; set eos_token in its tokenizer_config.json")
@@ -710,10 +718,15 @@ def read_weights(name: str, verified: bool = False) -> dict:
     for marker, folder, only in [] if verified else [("best.json", path, ""), ("resume.json", parent, "model/")]:
         if os.path.isfile(os.path.join(folder, marker)) and (problem := verify(folder, only)):
             raise SystemExit(f"--model {name!r}: {problem}: latro.py wrote it with checksums, and it changed since")
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    except (OSError, ValueError) as e:
+    try:   # any failure is the model's: OSError, ValueError, safetensors' own error on a truncated file, ...
+        lm, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                        output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as e:
         raise SystemExit(f"--model {name!r}: cannot load it ({type(e).__name__}: {str(e)[:300]})") from None
+    if bad := sorted(info["missing_keys"]) + [f"{k} {tuple(a)} (the config: {tuple(b)})" for k, a, b in
+                                              sorted(info["mismatched_keys"])]:   # transformers would start them random
+        raise SystemExit(f"--model {name!r}: {len(bad)} of the tensors its config needs are missing from its weight "
+                         f"files or have another shape (the first: {bad[0]}): a damaged or mismatched model")
     if getattr(lm.config, "final_logit_softcapping", None):
         raise SystemExit(f"--model {name!r}: logit soft-capping is not supported by the fused scorer")
     full = dict(lm.named_buffers()) | lm.state_dict()
@@ -1100,10 +1113,20 @@ LOCKS = []   # this process's lock files: the kernel releases a lock when its ho
 
 def claim_run_folder(args, master: bool):
     """A run folder belongs to one run: locked (flock) for the run's life, so that a second run on it, in any
-    mode, is refused with the holder's pid and host; and refused if it holds a run, unless --resume/--overwrite."""
-    message, found = None, []
-    try:
-        if master:
+    mode, is refused with the holder's pid and host; and refused if it holds a run, unless --resume/--overwrite.
+    What is not the run's is never deleted or written over: a model's own folder is refused as --out, and so is
+    an --overwrite that would delete the --model being loaded (OUT/best as --model with that OUT)."""
+    model = os.path.realpath(os.path.expanduser(args.model))
+    doomed = [os.path.realpath(os.path.join(args.out, f)) for f in RUN_FILES if args.overwrite and not args.resume]
+    inside = next((d for d in doomed if os.path.commonpath([d, model]) == d), None)   # the run file holding --model
+    refusals = [(args.resume and not os.path.isdir(args.out), f"--resume: no checkpoint in {args.out!r}: no such folder"),
+                (is_model_folder(args.out), f"--out {args.out!r} is a model's folder (its config.json), not a run's: "
+                                            f"pass another --out"),
+                (inside, f"--overwrite would delete --model {args.model!r} (in {inside}): copy it first, or pass "
+                         f"another --out")]
+    message, found = next((m for bad, m in refusals if bad), None) if master else None, []
+    try:   # the refusals above come before a folder or a lock is made for nothing
+        if master and message is None:
             os.makedirs(args.out, exist_ok=True)
             LOCKS.append(open(os.path.join(args.out, ".lock"), "a+"))
             fcntl.flock(LOCKS[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1124,6 +1147,14 @@ def claim_run_folder(args, master: bool):
 def remove(path: str):
     """Delete a file or folder if it exists; a kill halfway leaves a partial one that the next call finishes."""
     shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+
+def write_atomic(path: str, text: str):
+    """Write `text` to path.tmp, then rename it over `path`: a reader (or a kill) never meets half a file."""
+    try:
+        open(path + ".tmp", "w").write(text), os.replace(path + ".tmp", path)
+    except OSError as e:
+        remove(path + ".tmp")
+        raise SystemExit(f"cannot write {path}: {e.strerror or e}") from None
 
 def sha256(path: str) -> str:
     h = hashlib.sha256()
@@ -1353,7 +1384,7 @@ def setup(args):
         raise SystemExit(f"--dataset {args.dataset!r}: {e}") from None
     resolve_defaults(args, train[0].task, world, len(train), len(val))
     try:
-        tok = load_tokenizer(args.model)
+        tok = load_tokenizer(args.model, getattr(cfg, "vocab_size", None))
         lengths = [len(p) for p in data.prompt_ids(tok, train + val)]
         check_lengths(tok, train + val, lengths, max(args.max_new_tokens, args.eval_max_new_tokens),
                       context_length(cfg), answer=True)   # every row fits: checked now, not hours into the run
@@ -1447,7 +1478,7 @@ def restore(run, ckpt: str, resume: dict):
                 rows += [r for r in [json.loads(line)] if r.get("step", 0) <= run.start]
             except json.JSONDecodeError:
                 print0(f"--resume: dropping the unreadable line {n} of {run.metrics} (a write cut short)")
-        open(run.metrics, "w").writelines(json.dumps(r) + "\n" for r in rows)
+        write_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))   # a kill here keeps the old file
     print0(f"resumed from {ckpt} at step {run.start}")
 
 def describe(run, shape: dict, plan_inputs: dict):
@@ -1456,7 +1487,7 @@ def describe(run, shape: dict, plan_inputs: dict):
     config = dict(vars(a), world=run.world, task=run.train[0].task, n_params=shape["n"], n_train=len(run.train),
                   n_val=len(run.val), **plan_inputs)
     if run.master and not run.start:   # a resumed run keeps the config it started with
-        json.dump(config, open(os.path.join(a.out, "config.json"), "w"), indent=1)
+        write_atomic(os.path.join(a.out, "config.json"), json.dumps(config, indent=1))
     run.config = {k: config[k] for k in RESUME_KEYS}
     print0(f"latro: {a.model} ({shape['n'] / 1e6:.1f} M parameters) on {a.dataset} ({len(run.train)} train, "
            f"{len(run.val)} validation) | {run.world} x {run.device.type}, {a.dtype}, --parallel {a.parallel}\n"

@@ -3,6 +3,7 @@ checkpoints, a model that is not finite, rows too long for the model, everyday m
 interrupted, and host memory on resume (rank 0 reads, the others receive)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import eval as ev
 import latro
@@ -236,11 +237,31 @@ def broken_models(tmp_path_factory, tiny_dir):
     json.dump(cfg, open(root / "noeos" / "tokenizer_config.json", "w"))
     if (root / "noeos" / "chat_template.jinja").exists():
         os.remove(root / "noeos" / "chat_template.jinja")
+    weights = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    for name, change in [("truncated", None), ("missing", lambda sd: sd.pop("model.layers.0.mlp.down_proj.weight")),
+                         ("shape", lambda sd: sd.update({"model.norm.weight": torch.ones(7)})),
+                         ("vocab", lambda sd: sd.update({k: v[:50] for k, v in sd.items() if v.shape[0] == len(tok)}))]:
+        shutil.copytree(tiny_dir, root / name)
+        if change is None:   # a copy or download cut short
+            os.truncate(root / name / "model.safetensors", 1000)
+            continue
+        sd = dict(weights)
+        change(sd)
+        save_file(sd, str(root / name / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.load(open(root / "vocab" / "config.json"))   # a model of 50 tokens beside another's tokenizer
+    cfg.update(vocab_size=50, bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    json.dump(cfg, open(root / "vocab" / "config.json", "w"))
     return root
 
 
+BROKEN = {"truncated": "cannot load it (SafetensorError", "missing": "1 of the tensors its config needs are missing "
+          "from its weight files or have another shape (the first: model.layers.0.mlp.down_proj.weight)",
+          "shape": "(the first: model.norm.weight (7,) (the config: (32,)))",
+          "vocab": "tokens, more than the 50 rows of its embedding (vocab_size in config.json)"}
+
+
 @pytest.mark.parametrize("case", ["nan model", "no eos", "run folder", "out is a file", "out under a file",
-                                  "huge seed", "tpu", "cuda without a gpu", "long row"])
+                                  "huge seed", "tpu", "cuda without a gpu", "long row", *BROKEN])
 def test_everyday_mistakes_give_one_line(tmp_path, tiny_dir, toy_data, broken_models, case):
     """Each in latro.py and (where it applies) eval.py: one line naming the culprit, no traceback, before any
     training or decoding."""
@@ -268,6 +289,8 @@ def test_everyday_mistakes_give_one_line(tmp_path, tiny_dir, toy_data, broken_mo
         extra, message = ["--device", "cuda"], "--device 'cuda': no GPU is visible to this process"
     elif case == "long row":
         data_, message = str(long_rows), f"{long_rows} line 41: the prompt is"
+    elif case in BROKEN:   # a damaged or mismatched model: never trained or scored with random or missing rows
+        model, message = str(broken_models / case), BROKEN[case]
     if case.startswith("out"):
         out = tmp_path / "afile" if case == "out is a file" else tmp_path / "afile" / "x"
         p = launch(out, model, data_, 1, extra, check=False)
@@ -276,7 +299,7 @@ def test_everyday_mistakes_give_one_line(tmp_path, tiny_dir, toy_data, broken_mo
     p = launch(tmp_path / "o", model, data_, 1, extra, check=False)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
-    if case in ("nan model", "run folder", "long row", "tpu"):
+    if case in ("nan model", "run folder", "long row", "tpu", *BROKEN):
         q = run_script("eval.py", ["--model", model, "--dataset", data_, "--split", "train", "--max-new-tokens",
                                    "8", "--out", str(tmp_path / "e.jsonl"), *extra])
         assert q.returncode != 0 and "Traceback" not in q.stderr, q.stderr[-2000:]
@@ -303,6 +326,49 @@ def test_disk_full_in_a_tokenizer_save_and_on_the_metrics_append(tmp_path):
             latro.stop_requested(run, SimpleNamespace(received=0))
     finally:
         dist.destroy_process_group()
+
+
+def test_nothing_that_is_not_the_runs_is_deleted_or_written_over(tmp_path, tiny_dir, toy_data):
+    """A model's folder as --out (its config.json is no run's), an --overwrite that would delete the --model it
+    loads (OUT/best), a --resume of a folder that does not exist: each refused in one line, before any folder,
+    lock or deletion. eval.py: an --out that is not its rows or holds an evaluation under other flags, and
+    --paired-with naming --out itself."""
+    import torch.distributed as dist
+    model, run = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(tiny_dir, model), shutil.copytree(tiny_dir, run / "best")
+    (run / "metrics.jsonl").write_text("{}\n")
+    before = {p: p.read_bytes() for p in [*model.iterdir(), *(run / "best").iterdir()]}
+    args = lambda out, m, **kw: SimpleNamespace(**{"out": str(out), "model": str(m), "resume": False,
+                                                   "overwrite": False, **kw})
+    latro.setup_distributed("cpu")
+    try:
+        for a, message in [(args(model, model), "is a model's folder (its config.json), not a run's"),
+                           (args(model, tiny_dir, overwrite=True), "is a model's folder"),
+                           (args(run, run / "best", overwrite=True), f"would delete --model '{run / 'best'}' (in "),
+                           (args(run, f"{run}/./best/", overwrite=True), "would delete --model"),
+                           (args(tmp_path / "nothing", tiny_dir, resume=True), "no checkpoint in")]:
+            with pytest.raises(SystemExit, match=re.escape(message)):
+                latro.claim_run_folder(a, True)
+        latro.claim_run_folder(args(run, tiny_dir, overwrite=True), True)   # another --model: the run goes
+        assert not (run / "best").exists() and not (run / "metrics.jsonl").exists()
+    finally:
+        dist.destroy_process_group()
+    assert all(p.read_bytes() == b for p, b in before.items() if "run" not in p.parts) and len(before) > 8
+    assert not (tmp_path / "nothing").exists() and not (model / ".lock").exists()
+    rows = tmp_path / "rows.jsonl"
+    flags = ["--model", tiny_dir, "--dataset", toy_data, "--split", "train", "--limit", "2", "--max-new-tokens", "4"]
+    ev.main(flags + ["--out", str(rows)])
+    for out, extra, message in [(model / "config.json", [], "cannot write there (it is not eval.py's rows)"),
+                                (rows, ["--paired-with", str(rows)], "cannot be compared with these rows (it is --out"),
+                                (rows, ["--limit", "1"], "holds an evaluation with other flags (its .summary.json)")]:
+        kept = rows.read_bytes()
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            ev.main(flags + ["--out", str(out), *extra])
+        assert rows.read_bytes() == kept
+    assert len(ev.main(flags + ["--out", str(rows)])) == 2   # the same flags: the same evaluation, written again
+    assert (model / "config.json").read_bytes() == before[model / "config.json"]
+    (tmp_path / "new.jsonl.part0").write_bytes(b"\x81\xff garbage\x90")   # not text: started again, one line
+    assert len(ev.main(flags + ["--out", str(tmp_path / "new.jsonl")])) == 2
 
 
 @pytest.mark.slow

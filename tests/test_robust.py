@@ -405,7 +405,9 @@ def test_resume_reads_the_full_state_on_rank_0_only(tmp_path, toy_data):
     launch(tmp_path / "r", str(folder), toy_data, 2, extra + ["--resume"])
     peaks = [r["load_peak_gb"] for r in json_rows(tmp_path / "r") if "load_peak_gb" in r][-1]
     print(f"host peak after resume, per rank: {peaks} GB; full state {full_gb:.2f} GB")
-    assert peaks[1] < peaks[0] - 0.5 * full_gb
+    # rank 0 holds at most the whole AdamW state (2/3 of full_gb) at once beyond what rank 1 holds; the gap was
+    # 0.16-0.22 GB in runs on quiet cores (allocator noise). A rank 1 that read the whole state would show none.
+    assert peaks[1] < peaks[0] - 0.25 * full_gb
 
 
 def json_rows(out):

@@ -34,7 +34,7 @@ Commands:
     python eval.py --model runs/latro/best --dataset arith --paired-with runs/eval/base.jsonl
     torchrun --nproc_per_node=8 eval.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k
 """
-import fcntl, glob, hashlib, json, math, os, re, signal, sys, time
+import fcntl, glob, hashlib, json, math, os, re, signal, time
 from collections import Counter
 
 import torch
@@ -314,6 +314,4 @@ def main(argv=None):
         return rows
 
 if __name__ == "__main__":
-    main()
-    if "RANK" in os.environ:   # under torchrun, as latro.py: no interpreter teardown, where gloo's threads can abort
-        sys.stdout.flush(), sys.stderr.flush(), os._exit(0)
+    latro.exit_cleanly(main)   # under torchrun, as latro.py: no interpreter teardown, where gloo's threads can abort

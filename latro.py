@@ -811,6 +811,21 @@ def close_distributed():
     dist.barrier()
     dist.destroy_process_group()
 
+def exit_cleanly(main):
+    """Run a script's `main` and end the process with its status: 0, a signal's (130, 143), or 1 after an error's
+    one line. Under torchrun, skip the interpreter's teardown, in which gloo's worker threads can abort a process
+    that finished or failed cleanly (SIGABRT, "terminate called without an active exception")."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if code == 1 and not isinstance(e.code, int):   # an error's message, printed as Python would print it
+            print(e.code, file=sys.stderr)
+    if "RANK" in os.environ:
+        sys.stdout.flush(), sys.stderr.flush(), os._exit(code)
+    raise SystemExit(code)
+
 def pick_dtype(flag: str, device) -> torch.dtype:
     """--dtype auto: bf16 on GPUs, fp32 on CPUs (where bf16 is ~3x slower)."""
     return torch.bfloat16 if flag == "bf16" or (flag == "auto" and device.type == "cuda") else torch.float32
@@ -1498,18 +1513,10 @@ def describe(run, shape: dict, plan_inputs: dict):
 
 if __name__ == "__main__":
     try:
-        code = main() or 0
+        exit_cleanly(main)
     except KeyboardInterrupt:   # the second Ctrl-C: no traceback, no half-written folder
         out = get_args().out
         for name in ("checkpoint", "best") if int(os.environ.get("RANK", 0)) == 0 else ():
             settle(os.path.join(out, name))
         print0(f"\ninterrupted; the last checkpoint in {out} is kept (continue with --resume)")
         raise SystemExit(130)
-    except SystemExit as e:     # an error's message goes on as usual; a status (130, 143) ends as below
-        if not isinstance(e.code, int):
-            raise
-        code = e.code
-    if "RANK" in os.environ:    # under torchrun, after the group is closed: skip the interpreter's teardown, in
-        sys.stdout.flush(), sys.stderr.flush()   # which gloo's worker threads can abort a finished run (SIGABRT,
-        os._exit(code)                           # "terminate called without an active exception")
-    raise SystemExit(code)

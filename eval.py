@@ -278,8 +278,9 @@ def main(argv=None):
     done, base = rows_so_far(out, flags), None
     try:   # the other model's rows, read now: a bad file must not cost the decoding
         base = [json.loads(l) for l in open(args.paired_with)] if args.paired_with else None
-        assert base is None or sorted(r["index"] for r in base) == list(range(len(examples))), "other questions"
         assert base is None or all(set(RULES[examples[0].task]) <= set(r["correct"]) for r in base), "another task"
+        golds = [(i, e.gold) for i, e in enumerate(examples)]   # the same questions: same positions, same answers
+        assert base is None or sorted((r["index"], r["gold"]) for r in base) == golds, "other questions"
         assert not (base and os.path.exists(out) and os.path.samefile(args.paired_with, out)), "it is --out too"
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:   # (--out would be written over)
         raise SystemExit(f"--paired-with {args.paired_with!r}: cannot be compared with these rows ({e})") from None

@@ -332,7 +332,7 @@ def test_nothing_that_is_not_the_runs_is_deleted_or_written_over(tmp_path, tiny_
     """A model's folder as --out (its config.json is no run's), an --overwrite that would delete the --model it
     loads (OUT/best), a --resume of a folder that does not exist: each refused in one line, before any folder,
     lock or deletion. eval.py: an --out that is not its rows or holds an evaluation under other flags, and
-    --paired-with naming --out itself."""
+    --paired-with naming --out itself or rows of other questions of the same task and count."""
     import torch.distributed as dist
     model, run = tmp_path / "model", tmp_path / "run"
     shutil.copytree(tiny_dir, model), shutil.copytree(tiny_dir, run / "best")
@@ -360,7 +360,9 @@ def test_nothing_that_is_not_the_runs_is_deleted_or_written_over(tmp_path, tiny_
     ev.main(flags + ["--out", str(rows)])
     for out, extra, message in [(model / "config.json", [], "cannot write there (it is not eval.py's rows)"),
                                 (rows, ["--paired-with", str(rows)], "cannot be compared with these rows (it is --out"),
-                                (rows, ["--limit", "1"], "holds an evaluation with other flags (its .summary.json)")]:
+                                (rows, ["--limit", "1"], "holds an evaluation with other flags (its .summary.json)"),
+                                (tmp_path / "other.jsonl", ["--dataset", "arith", "--paired-with", str(rows)],
+                                 "cannot be compared with these rows (other questions)")]:   # same task, positions
         kept = rows.read_bytes()
         with pytest.raises(SystemExit, match=re.escape(message)):
             ev.main(flags + ["--out", str(out), *extra])

@@ -222,11 +222,12 @@ def rows_so_far(out: str, flags: dict) -> dict:
                 pass
     return done
 
-def report(args, rows: list, base: list, task: str, out: str, seconds: float, world: int, device) -> dict:
+def report(args, flags: dict, rows: list, base: list, task: str, out: str, seconds: float, world: int,
+           device) -> dict:
     """OUT and OUT.summary.json, written atomically, and one line per rule (and per paired comparison)."""
     summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": len(rows),
                "max_new_tokens": args.max_new_tokens, "samples": args.samples, "seconds": seconds, "world": world,
-               "flags": {k: getattr(args, k) for k in ROW_FLAGS},
+               "flags": flags,
                "device": device.type, "rows": out, "unfinished": sum(not r["finished"] for r in rows) / len(rows),
                "mean_tokens": sum(r["tokens"] for r in rows) / len(rows), "rules": summarize(rows, task, args.samples)}
     if base is not None:
@@ -310,7 +311,7 @@ def main(argv=None):
     latro.close_distributed()   # every rank's part file is complete
     if rank == 0:
         rows = sorted(rows_so_far(out, flags).values(), key=lambda r: r["index"])
-        report(args, rows, base, examples[0].task, out, time.time() - t0, world, device)
+        report(args, flags, rows, base, examples[0].task, out, time.time() - t0, world, device)
         [os.remove(path) for path in glob.glob(glob.escape(out) + ".part*") + [out + ".lock"]]
         return rows
 

@@ -116,7 +116,7 @@ def _read_file(path: str):
             raise DataError(f"{path}: cannot read as parquet ({type(e).__name__}: {str(e)[:200]})") from None
         return [(f"{path} row {i}", r) for i, r in enumerate(rows)]
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:   # a byte-order mark (Windows editors) is dropped
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None

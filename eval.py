@@ -316,4 +316,5 @@ def main(argv=None):
         return rows
 
 if __name__ == "__main__":
-    latro.exit_cleanly(main)   # under torchrun, as latro.py: no interpreter teardown, where gloo's threads can abort
+    latro.exit_cleanly(main, "lower --batch-size (--samples multiplies it); the rows so far are kept, and the "
+                             "same command with a smaller --batch-size continues")

@@ -621,10 +621,11 @@ def refresh_replica(replica, model):
 def model_path(name: str) -> str:
     """A local model folder (with a model's config.json) or a hub id; a run folder points to its models."""
     path = os.path.expanduser(name)
-    if not os.path.isdir(path) and not name.startswith((".", "/", "~")):
+    if not os.path.exists(path) and not name.startswith((".", "/", "~")):
         return name  # a hub id never starts like a path
     if not os.path.isdir(path):
-        raise SystemExit(f"--model {name!r}: no such folder")
+        raise SystemExit(f"--model {name!r}: " + ("a file, not a model's folder (config.json and weights; a GGUF file "
+                         "converts into one as tests/smollm.py does)" if os.path.exists(path) else "no such folder"))
     if is_model_folder(path):
         return path
     inside = [os.path.join(path, d) for d in ("best", "model", "checkpoint/model") if os.path.isdir(os.path.join(path, d))]
@@ -640,11 +641,16 @@ def is_model_folder(path: str) -> bool:
         return False
 
 def load_config(name: str):
-    from transformers import AutoConfig
+    """The model's config, and a check that transformers has a causal language model of its type."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
     try:
-        return AutoConfig.from_pretrained(model_path(name))
+        cfg = AutoConfig.from_pretrained(model_path(name))
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model {name!r}: cannot read its config ({type(e).__name__}: {str(e)[:300]})") from None
+    if type(cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:   # T5, an image model, ...: AutoModelForCausalLM has none
+        raise SystemExit(f"--model {name!r}: a {cfg.model_type!r} model is not a causal (decoder-only) language model; "
+                         f"LaTRO samples and scores with one (Llama, Qwen, Mistral, Phi, GPT-2, ...)")
+    return cfg
 
 def quiet_transformers():
     """transformers' own bars ("Loading weights", "Writing model shards") and warnings off: latro.py and eval.py
@@ -696,6 +702,14 @@ def check_lengths(tok, examples: list, lengths: list, max_new: int, limit: int, 
         raise SystemExit(f"{e.where}: the prompt is {n} tokens; with {max_new} new tokens{tail} it needs {need} "
                          f"positions, more than the model's {limit} ({len(bad)} of {len(examples)} rows are too "
                          f"long): lower --max-new-tokens or remove the rows")
+
+def decoder_layers(lm) -> torch.nn.ModuleList:
+    """The decoder's blocks, FSDP2's unit and the plan's: `.layers` (Llama, Qwen, Mistral, Phi, Gemma), `.h` (GPT-2)."""
+    blocks = [getattr(lm.get_decoder(), n, None) for n in ("layers", "h")]
+    if not (found := [b for b in blocks if isinstance(b, torch.nn.ModuleList)]):
+        raise SystemExit(f"--model {lm.config.name_or_path!r}: a {lm.config.model_type!r} model has no decoder blocks "
+                         f"that latro.py can shard (a decoder's .layers or .h)")
+    return found[0]
 
 def meta_model(cfg, dtype):
     """The model's modules on the meta device (no memory), sdpa attention, dropout off (deterministic)."""
@@ -787,7 +801,11 @@ def setup_distributed(device_flag=None):
     backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"   # gloo too: offload's gradient norm is on the host
     if not dist.is_initialized() and "RANK" in os.environ:
         exit_with_agent()
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))   # a slow start-up: loading, compiling
+        try:
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))   # a slow start-up: loading, compiling
+        except (ValueError, RuntimeError) as e:   # RANK set by hand or by a scheduler, without the rest
+            raise SystemExit(f"torch.distributed cannot start from this environment (RANK={os.environ['RANK']}): "
+                             f"{str(e).splitlines()[0][:200]}; launch with torchrun, or unset RANK") from None
     elif not dist.is_initialized():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -811,10 +829,11 @@ def close_distributed():
     dist.barrier()
     dist.destroy_process_group()
 
-def exit_cleanly(main):
+def exit_cleanly(main, smaller: str):
     """Run a script's `main` and end the process with its status: 0, a signal's (130, 143), or 1 after an error's
-    one line. Under torchrun, skip the interpreter's teardown, in which gloo's worker threads can abort a process
-    that finished or failed cleanly (SIGABRT, "terminate called without an active exception")."""
+    one line; memory running out is one line too, naming the flags that make the work `smaller`. Under torchrun,
+    skip the interpreter's teardown, in which gloo's worker threads can abort a process that finished or failed
+    cleanly (SIGABRT, "terminate called without an active exception")."""
     try:
         main()
         code = 0
@@ -822,6 +841,11 @@ def exit_cleanly(main):
         code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         if code == 1 and not isinstance(e.code, int):   # an error's message, printed as Python would print it
             print(e.code, file=sys.stderr)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:   # a CPU's: RuntimeError "can't allocate memory"
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
+            raise
+        print(f"out of memory ({(str(e) or type(e).__name__).splitlines()[0][:200]}): {smaller}", file=sys.stderr)
+        code = 1
     if "RANK" in os.environ:
         sys.stdout.flush(), sys.stderr.flush(), os._exit(code)
     raise SystemExit(code)
@@ -841,7 +865,7 @@ def wrap(scorer, mode: str, device, compute_dtype, world: int):
         kw["mesh"] = init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
     if mode == "offload":     # sharded, and fp32 master weights, gradients and AdamW live on the host
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-    for layer in scorer.lm.get_decoder().layers:
+    for layer in decoder_layers(scorer.lm):
         fully_shard(layer, **kw)
     return fully_shard(scorer, **kw)
 
@@ -1025,7 +1049,7 @@ def model_shape(cfg) -> dict:
     """Parameter counts (from a weightless model on the meta device) and the sizes the plan needs."""
     lm, heads = meta_model(cfg, torch.float32), cfg.num_attention_heads
     return dict(n=sum(p.numel() for p in lm.parameters()), layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
-                layer_n=sum(p.numel() for p in lm.get_decoder().layers[0].parameters()), vocab=cfg.vocab_size,
+                layer_n=sum(p.numel() for p in decoder_layers(lm)[0].parameters()), vocab=cfg.vocab_size,
                 inter=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
                 kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
                 head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
@@ -1318,7 +1342,8 @@ def stop_diverged(run, first_bad: int, last: dict):
             remove(folder) if verify(folder) or read_resume(folder, run.args)["step"] > good else None
         settle(base)
         held = read_resume(base, run.args)["step"] if os.path.isdir(base) else None
-        cause = "the self-rewards overflowed: lower --beta or --penalty" if not math.isfinite(last["reward"]) else \
+        overflow = math.isfinite(last["logp_y"]) and math.isfinite(last["kl"])   # the model's log-probs are fine
+        cause = "the self-rewards overflowed: lower --beta or --penalty" if overflow else \
             "the update diverged: try a lower --lr"
         message = (f"{last['step'] - first_bad + 1} steps in a row ({first_bad}-{last['step']}) had a non-finite loss "
                    f"or gradient norm and made no update; {cause}. " + ("Step 1 already failed: the starting model "
@@ -1513,7 +1538,8 @@ def describe(run, shape: dict, plan_inputs: dict):
 
 if __name__ == "__main__":
     try:
-        exit_cleanly(main)
+        exit_cleanly(main, "the memory plan fell short; lower --micro-questions, --questions-per-rank, --k or "
+                     "--max-new-tokens, or turn --grad-checkpointing on; the last checkpoint is kept")
     except KeyboardInterrupt:   # the second Ctrl-C: no traceback, no half-written folder
         out = get_args().out
         for name in ("checkpoint", "best") if int(os.environ.get("RANK", 0)) == 0 else ():

@@ -172,6 +172,15 @@ def test_load_parquet_and_json_array(tmp_path):
     assert data.load_split(str(tmp_path / "a.json"), "train")[0].gold == "5"
 
 
+def test_files_from_windows_editors_load(tmp_path):
+    """A UTF-8 byte-order mark and CRLF line ends (Notepad, Excel exports) change nothing."""
+    rows = [{"question": "Q1", "answer": "#### 1"}, {"question": "Q2", "answer": "#### 2"}]
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows).encode())
+    (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=1).replace("\n", "\r\n").encode())
+    for name in ("a.jsonl", "b.json"):
+        assert [e.gold for e in data.load_split(str(tmp_path / name), "train")] == ["1", "2"]
+
+
 GOOD = {"question": "Q", "answer": "#### 1"}
 ARC_ROW = {"id": "Mercury_1", "question": "Q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
 

@@ -154,6 +154,24 @@ def test_bf16_kl_is_zero_at_step_0_and_one_process_equals_two(tmp_path, tiny_dir
 
 
 @pytest.mark.slow
+def test_a_gpt2_style_model_trains_sharded_as_in_one_process(tmp_path, tiny_tok, toy_data):
+    """Another layout of a decoder: GPT-2's blocks in .h (not .layers), learned positions, the LM head tied to
+    the embedding. FSDP2 shards it over 2 processes as over 1: KL exactly 0 at step 1, the same run."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                    bos_token_id=tiny_tok.bos_token_id, eos_token_id=tiny_tok.eos_token_id,
+                                    pad_token_id=tiny_tok.pad_token_id))
+    lm.save_pretrained(tmp_path / "gpt2"), tiny_tok.save_pretrained(tmp_path / "gpt2")
+    for run, nproc in (("one", 1), ("two", 2)):
+        launch(tmp_path / run, str(tmp_path / "gpt2"), toy_data, nproc, ["--global-questions", "2", "--steps", "3"])
+        assert metrics(tmp_path / run)[0][0]["kl"] == 0.0
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    before, after = lm.state_dict(), weights(tmp_path / "one")
+    assert max((before[k] - after[k]).abs().max().item() for k in after) > 1e-4
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["replicate", "shard"])
 def test_three_processes_and_uneven_validation(tmp_path, tiny_dir, toy_data, mode):
     """3 ranks, 2 held-out questions and 4 validation questions: no rank waits for another at validation, and

@@ -197,20 +197,21 @@ def test_answer_after_a_boundary_that_would_merge(tiny_tok):
 
 # ---------------------------------------------------------------- the sampling engine against the plain loop
 
-FAMILIES = {  # tiny configs of the paper's families and their relatives: Llama, Mistral, Qwen2 (biases), Phi-3
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+FAMILIES = {  # tiny configs of the paper's families and their relatives: Llama, Mistral, Qwen2 (biases), Phi-3,
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),    # and GPT-2 (learned positions, blocks in .h, no GQA)
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"num_key_value_heads": None}),
 }
 
 
 def family_model(name, vocab, seed=0):
     import transformers
     cfg_cls, lm_cls, extra = FAMILIES[name]
-    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                         **extra)
+    cfg = getattr(transformers, cfg_cls)(**{**dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   max_position_embeddings=512), **extra})
     torch.manual_seed(seed)
     return getattr(transformers, lm_cls)(cfg).eval()
 

@@ -251,13 +251,23 @@ def broken_models(tmp_path_factory, tiny_dir):
     cfg = json.load(open(root / "vocab" / "config.json"))   # a model of 50 tokens beside another's tokenizer
     cfg.update(vocab_size=50, bos_token_id=1, eos_token_id=1, pad_token_id=1)
     json.dump(cfg, open(root / "vocab" / "config.json", "w"))
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+    for name, lm in [("t5", T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=16, d_ff=32, num_layers=1,
+                                                                 num_heads=2, d_kv=8))),
+                     ("bert", BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32)))]:
+        lm.save_pretrained(root / name), tok.save_pretrained(root / name)   # not a decoder-only language model
+    (root / "model.gguf").write_bytes(b"GGUF" + bytes(60))   # a file, not a folder
     return root
 
 
 BROKEN = {"truncated": "cannot load it (SafetensorError", "missing": "1 of the tensors its config needs are missing "
           "from its weight files or have another shape (the first: model.layers.0.mlp.down_proj.weight)",
           "shape": "(the first: model.norm.weight (7,) (the config: (32,)))",
-          "vocab": "tokens, more than the 50 rows of its embedding (vocab_size in config.json)"}
+          "vocab": "tokens, more than the 50 rows of its embedding (vocab_size in config.json)",
+          "t5": "a 't5' model is not a causal (decoder-only) language model",
+          "model.gguf": "a file, not a model's folder (config.json and weights; a GGUF file converts into one",
+          "bert": "a 'bert' model has no decoder blocks that latro.py can shard"}
 
 
 @pytest.mark.parametrize("case", ["nan model", "no eos", "run folder", "out is a file", "out under a file",
@@ -299,7 +309,7 @@ def test_everyday_mistakes_give_one_line(tmp_path, tiny_dir, toy_data, broken_mo
     p = launch(tmp_path / "o", model, data_, 1, extra, check=False)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
-    if case in ("nan model", "run folder", "long row", "tpu", *BROKEN):
+    if case in ("nan model", "run folder", "long row", "tpu", *BROKEN) and case != "bert":   # eval.py needs no blocks
         q = run_script("eval.py", ["--model", model, "--dataset", data_, "--split", "train", "--max-new-tokens",
                                    "8", "--out", str(tmp_path / "e.jsonl"), *extra])
         assert q.returncode != 0 and "Traceback" not in q.stderr, q.stderr[-2000:]
@@ -374,10 +384,18 @@ def test_nothing_that_is_not_the_runs_is_deleted_or_written_over(tmp_path, tiny_
 
 
 @pytest.mark.slow
-def test_beta_overflow_blames_beta(tmp_path, tiny_dir, toy_data):
-    p = launch(tmp_path / "b", tiny_dir, toy_data, 1, ["--questions-per-rank", "2", "--beta", "1e300", "--steps",
-                                                          "8"], check=False)
-    assert p.returncode == 1 and "the self-rewards overflowed: lower --beta or --penalty" in p.stderr
+@pytest.mark.parametrize("flags, blamed", [(["--beta", "1e300"], "--beta or --penalty"),   # inf already at step 1
+                                           (["--beta", "1e38"], "--beta or --penalty"),    # finite: overflows at step 2
+                                           (["--penalty", "1e38"], "--beta or --penalty"),
+                                           (["--lr", "1e30"], "--lr")])                    # the weights blow up
+def test_a_diverged_run_blames_the_flag_at_fault(tmp_path, tiny_dir, toy_data, flags, blamed):
+    """The model's log-probs finite (log pi(y|x+z), the KL) but not the loss: the self-rewards overflowed, --beta or
+    --penalty is at fault; the model's own numbers not finite: the update diverged, --lr."""
+    p = launch(tmp_path / "b", tiny_dir, toy_data, 1, ["--questions-per-rank", "2", "--steps", "8", *flags],
+               check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert re.search(r"steps in a row .* had a non-finite loss or gradient norm and made no update; "
+                     r"(the self-rewards overflowed|the update diverged)[^;.]*lower " + re.escape(blamed), p.stderr)
 
 
 @pytest.mark.slow
@@ -414,3 +432,64 @@ def test_resume_reads_the_full_state_on_rank_0_only(tmp_path, toy_data):
 
 def json_rows(out):
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+OUT_OF_MEMORY = """import runpy, sys, torch
+sys.path.insert(0, {root!r})
+import latro
+def failing(real, after):   # `real`, then a failed allocation from the (after+1)-th call on
+    calls = [0]
+    def call(*a, **k):
+        calls[0] += 1
+        if calls[0] > after:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*a, **k)
+    return call
+{patch}
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_out_of_memory(patch: str, script: str, args: list):
+    code = OUT_OF_MEMORY.format(root=ROOT, patch=patch)
+    return subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, script), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=3600)
+
+
+@pytest.mark.slow
+def test_running_out_of_memory_is_one_line_and_keeps_the_work(tmp_path, tiny_dir, toy_data):
+    """Memory that runs out mid-run (the plan's estimate short, or eval.py's batch too big) ends with one line
+    naming the flags that make the work smaller, no traceback; latro.py's last checkpoint and eval.py's finished
+    rows stay, and the same command (a smaller batch for eval.py) continues from them."""
+    out = tmp_path / "run"
+    argv = ["--model", tiny_dir, "--dataset", toy_data, "--out", str(out), "--k", "3", "--max-new-tokens", "12",
+            "--val-size", "4", "--eval-every", "0", "--heldout-questions", "0", "--questions-per-rank", "2",
+            "--steps", "4", "--save-every", "1"]
+    p = run_out_of_memory("torch.optim.AdamW.step = failing(torch.optim.AdamW.step, 2)", "latro.py", argv)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("out of memory (CUDA out of memory. Tried to allocate "
+                                                        "20.00 GiB): the memory plan fell short; lower --micro-questions")
+    assert json.load(open(out / "checkpoint" / "resume.json"))["step"] == 2 and latro.verify(str(out / "checkpoint")) is None
+    assert run_script("latro.py", argv + ["--resume"]).returncode == 0 and metrics(out)[0][-1]["step"] == 4
+    rows = tmp_path / "e.jsonl"
+    flags = ["--model", tiny_dir, "--dataset", toy_data, "--split", "train", "--limit", "6", "--max-new-tokens", "8",
+             "--out", str(rows)]
+    p = run_out_of_memory("latro.Engine.generate = failing(latro.Engine.generate, 2)", "eval.py",
+                          flags + ["--batch-size", "2"])
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "): lower --batch-size (--samples multiplies it); the rows so far are kept" in p.stderr.splitlines()[-1]
+    assert len(open(f"{rows}.part0").read().splitlines()) == 1 + 4   # the header, then 2 batches of 2 rows
+    assert len(ev.main(flags + ["--batch-size", "1"])) == 6 and not os.path.exists(f"{rows}.part0")
+
+
+def test_rank_set_without_the_rest_of_torchrun_is_one_line(tmp_path, tiny_dir):
+    """RANK in the environment (by hand, or a scheduler's) without MASTER_ADDR: one line, not a traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")} | {"RANK": "0",
+                                                                                            "WORLD_SIZE": "1"}
+    for script in ("latro.py", "eval.py"):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--model", tiny_dir, "--dataset", "arith",
+                            "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert "torch.distributed cannot start from this environment (RANK=0)" in p.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "o")

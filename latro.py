@@ -829,22 +829,31 @@ def close_distributed():
     dist.barrier()
     dist.destroy_process_group()
 
-def exit_cleanly(main, smaller: str):
+def exit_cleanly(main, smaller: str, interrupted=lambda: ""):
     """Run a script's `main` and end the process with its status: 0, a signal's (130, 143), or 1 after an error's
-    one line; memory running out is one line too, naming the flags that make the work `smaller`. Under torchrun,
-    skip the interpreter's teardown, in which gloo's worker threads can abort a process that finished or failed
-    cleanly (SIGABRT, "terminate called without an active exception")."""
+    one line; memory running out is one line too, naming the flags that make the work `smaller`, and so are a
+    Ctrl-C that the script's own handlers did not turn into a clean stop (during loading; a second one), after
+    `interrupted()` tidied up, and a collective broken by another rank's failure (whose line says why). Under torchrun, skip the interpreter's teardown, in which gloo's worker threads can
+    abort a process that finished or failed cleanly (SIGABRT, "terminate called without an active exception")."""
     try:
         main()
         code = 0
+    except KeyboardInterrupt:
+        print(f"\ninterrupted{interrupted()}", file=sys.stderr)
+        code = 130
     except SystemExit as e:
         code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         if code == 1 and not isinstance(e.code, int):   # an error's message, printed as Python would print it
             print(e.code, file=sys.stderr)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:   # a CPU's: RuntimeError "can't allocate memory"
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
+    except (MemoryError, RuntimeError) as e:   # torch.OutOfMemoryError is a RuntimeError
+        text = (str(e) or type(e).__name__).splitlines()[0][:200]
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in text:   # a CPU's words
+            print(f"out of memory ({text}): {smaller}", file=sys.stderr)
+        elif "RANK" in os.environ and (isinstance(e, dist.DistError) or "by peer" in text):   # nccl's, gloo's
+            print(f"rank {os.environ['RANK']} stopped: another process of this run failed or lost its connection "
+                  f"(its own line says why; here: {text[:120]})", file=sys.stderr)
+        else:
             raise
-        print(f"out of memory ({(str(e) or type(e).__name__).splitlines()[0][:200]}): {smaller}", file=sys.stderr)
         code = 1
     if "RANK" in os.environ:
         sys.stdout.flush(), sys.stderr.flush(), os._exit(code)
@@ -982,13 +991,14 @@ def get_args(argv=None):
       "--questions-per-rank; must divide by the number of processes): the same run at any scale")
     m("--steps", type=POSITIVE, default=None, help="optimizer steps; default: the paper's 117 (GSM8K) / 35 (ARC), "
       "scaled to keep its number of rollouts when the global batch differs from 24 x 16")
-    r = p.add_argument_group("the run").add_argument
+    group = p.add_argument_group("the run")
+    r, either = group.add_argument, group.add_mutually_exclusive_group().add_argument   # --overwrite or --resume
     r("--model", required=True, help="hub name (meta-llama/Llama-3.1-8B-Instruct) or local model folder")
     r("--dataset", default="gsm8k", help="gsm8k | arc_challenge | arith[:SEED] (generated) | hub id | local file "
       "or folder of JSONL/parquet")
     r("--out", default="runs/latro", help="run folder: config, metrics.jsonl, checkpoint/, best/")
-    r("--overwrite", action="store_true", help="delete the run already in --out and start a new one")
-    r("--resume", action="store_true", help="continue from OUT/checkpoint (flags must match the saved run)")
+    either("--overwrite", action="store_true", help="delete the run already in --out and start a new one")
+    either("--resume", action="store_true", help="continue from OUT/checkpoint (flags must match the saved run)")
     r("--seed", type=SEED, default=0, help="seed of the data order, the validation slice and every rationale")
     r("--val-size", type=COUNT, default=200, help="train questions held out for checkpoint selection")
     r("--eval-every", type=COUNT, default=20, help="greedy-evaluate the validation slice every N steps; 0 = off")
@@ -1156,7 +1166,7 @@ def claim_run_folder(args, master: bool):
     What is not the run's is never deleted or written over: a model's own folder is refused as --out, and so is
     an --overwrite that would delete the --model being loaded (OUT/best as --model with that OUT)."""
     model = os.path.realpath(os.path.expanduser(args.model))
-    doomed = [os.path.realpath(os.path.join(args.out, f)) for f in RUN_FILES if args.overwrite and not args.resume]
+    doomed = [os.path.realpath(os.path.join(args.out, f)) for f in RUN_FILES if args.overwrite]
     inside = next((d for d in doomed if os.path.commonpath([d, model]) == d), None)   # the run file holding --model
     refusals = [(args.resume and not os.path.isdir(args.out), f"--resume: no checkpoint in {args.out!r}: no such folder"),
                 (is_model_folder(args.out), f"--out {args.out!r} is a model's folder (its config.json), not a run's: "
@@ -1179,7 +1189,7 @@ def claim_run_folder(args, master: bool):
         message = (f"--out {args.out!r} already holds a run ({', '.join(found)}): pass --resume to continue it, "
                    f"--overwrite to delete it and start again, or another --out")
     rank0_verdict(message)
-    if found and args.overwrite and not args.resume:
+    if found and args.overwrite:
         print0(f"--overwrite: deleting {', '.join(os.path.join(args.out, f) for f in found)}")
         [remove(os.path.join(args.out, f)) for f in found]
 
@@ -1536,13 +1546,13 @@ def describe(run, shape: dict, plan_inputs: dict):
            f"every flag), validation every {a.eval_every or 'never'}, checkpoint every {a.save_every or 'end'}"
            + (f", from step {run.start}" if run.start else ""))
 
+def interrupted() -> str:
+    """latro.py stopped at once (a second Ctrl-C, or one during loading): no folder is left half swapped."""
+    out = get_args().out
+    for name in ("checkpoint", "best") if int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(out) else ():
+        settle(os.path.join(out, name))
+    return f"; the last checkpoint in {out}, if any, is kept (continue with --resume)"
+
 if __name__ == "__main__":
-    try:
-        exit_cleanly(main, "the memory plan fell short; lower --micro-questions, --questions-per-rank, --k or "
-                     "--max-new-tokens, or turn --grad-checkpointing on; the last checkpoint is kept")
-    except KeyboardInterrupt:   # the second Ctrl-C: no traceback, no half-written folder
-        out = get_args().out
-        for name in ("checkpoint", "best") if int(os.environ.get("RANK", 0)) == 0 else ():
-            settle(os.path.join(out, name))
-        print0(f"\ninterrupted; the last checkpoint in {out} is kept (continue with --resume)")
-        raise SystemExit(130)
+    exit_cleanly(main, "the memory plan fell short; lower --micro-questions, --questions-per-rank, --k or "
+                 "--max-new-tokens, or turn --grad-checkpointing on; the last checkpoint is kept", interrupted)

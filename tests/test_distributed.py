@@ -319,6 +319,7 @@ def test_non_finite_updates_are_skipped_and_stop_the_run(tmp_path, tiny_dir, toy
     (["--val-size", "200"], "--val-size 200 must be smaller than the 40 train rows"),
     (["--global-questions", "38"], "--global-questions 38 is more than the 36 train questions"),
     (["--cuda-graphs", "on"], "--cuda-graphs on needs a GPU"),
+    (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),   # which one?
 ])
 def test_bad_flags_are_named(tmp_path, tiny_dir, toy_data, extra, message):
     p = launch(tmp_path / "bad", tiny_dir, toy_data, 1, extra, check=False)

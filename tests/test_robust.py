@@ -434,15 +434,16 @@ def json_rows(out):
     return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 
 
-OUT_OF_MEMORY = """import runpy, sys, torch
+FAILING = """import os, runpy, sys, torch
 sys.path.insert(0, {root!r})
 import latro
-def failing(real, after):   # `real`, then a failed allocation from the (after+1)-th call on
+OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+def failing(real, after, error=OOM):   # `real`, then `error` from the (after+1)-th call on
     calls = [0]
     def call(*a, **k):
         calls[0] += 1
         if calls[0] > after:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise error
         return real(*a, **k)
     return call
 {patch}
@@ -451,10 +452,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_out_of_memory(patch: str, script: str, args: list):
-    code = OUT_OF_MEMORY.format(root=ROOT, patch=patch)
-    return subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, script), *args], capture_output=True,
-                          text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=3600)
+def run_failing(patch: str, script: str, args: list, nproc: int = 1, harness: str = None):
+    """`python SCRIPT ARGS` (or torchrun, writing the `harness` file) with `patch` applied first: a torch or latro
+    function that fails after some calls."""
+    code = FAILING.format(root=ROOT, patch=patch)
+    if nproc > 1:
+        open(harness, "w").write(code)
+    launcher = [sys.executable, "-c", code] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                                "--standalone", f"--nproc_per_node={nproc}", harness]
+    return subprocess.run(launcher + [os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=3600)
 
 
 @pytest.mark.slow
@@ -466,7 +473,7 @@ def test_running_out_of_memory_is_one_line_and_keeps_the_work(tmp_path, tiny_dir
     argv = ["--model", tiny_dir, "--dataset", toy_data, "--out", str(out), "--k", "3", "--max-new-tokens", "12",
             "--val-size", "4", "--eval-every", "0", "--heldout-questions", "0", "--questions-per-rank", "2",
             "--steps", "4", "--save-every", "1"]
-    p = run_out_of_memory("torch.optim.AdamW.step = failing(torch.optim.AdamW.step, 2)", "latro.py", argv)
+    p = run_failing("torch.optim.AdamW.step = failing(torch.optim.AdamW.step, 2)", "latro.py", argv)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1].startswith("out of memory (CUDA out of memory. Tried to allocate "
                                                         "20.00 GiB): the memory plan fell short; lower --micro-questions")
@@ -475,12 +482,32 @@ def test_running_out_of_memory_is_one_line_and_keeps_the_work(tmp_path, tiny_dir
     rows = tmp_path / "e.jsonl"
     flags = ["--model", tiny_dir, "--dataset", toy_data, "--split", "train", "--limit", "6", "--max-new-tokens", "8",
              "--out", str(rows)]
-    p = run_out_of_memory("latro.Engine.generate = failing(latro.Engine.generate, 2)", "eval.py",
+    p = run_failing("latro.Engine.generate = failing(latro.Engine.generate, 2)", "eval.py",
                           flags + ["--batch-size", "2"])
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "): lower --batch-size (--samples multiplies it); the rows so far are kept" in p.stderr.splitlines()[-1]
     assert len(open(f"{rows}.part0").read().splitlines()) == 1 + 4   # the header, then 2 batches of 2 rows
     assert len(ev.main(flags + ["--batch-size", "1"])) == 6 and not os.path.exists(f"{rows}.part0")
+    # under torchrun, one rank runs out: its line says why; the other's broken collective is one line too
+    p = run_failing("if os.environ['RANK'] == '1': torch.optim.AdamW.step = failing(torch.optim.AdamW.step, 0)",
+                    "latro.py", argv[:-4] + ["--global-questions", "2", "--out", str(tmp_path / "two")], 2,
+                    str(tmp_path / "failing.py"))
+    assert p.returncode == 1 and "out of memory (CUDA out of memory." in p.stderr, p.stderr[-3000:]
+    assert f'{os.path.join(ROOT, "latro.py")}", line' not in p.stderr, p.stderr[-3000:]   # no traceback of ours
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_while_loading_is_one_line(tmp_path, tiny_dir):
+    """Ctrl-C before the scripts' own handlers run (loading a model: minutes at 8B): exit 130 and one line, no
+    traceback; latro.py says what is kept."""
+    args = ["--model", tiny_dir, "--dataset", "arith", "--out", str(tmp_path / "o"), "--max-new-tokens", "8"]
+    p = run_failing("latro.Engine.__init__ = failing(latro.Engine.__init__, 0, KeyboardInterrupt())", "eval.py", args)
+    assert p.returncode == 130 and "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1] == "interrupted"
+    p = run_failing("torch.optim.AdamW.__init__ = failing(torch.optim.AdamW.__init__, 0, KeyboardInterrupt())",
+                    "latro.py", args + ["--k", "2", "--val-size", "4", "--heldout-questions", "2", "--steps", "2"])
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"interrupted; the last checkpoint in {tmp_path / 'o'}, if any, is "
+                                                 f"kept (continue with --resume)")
 
 
 def test_rank_set_without_the_rest_of_torchrun_is_one_line(tmp_path, tiny_dir):

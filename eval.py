@@ -250,7 +250,7 @@ def report(args, flags: dict, rows: list, base: list, task: str, out: str, secon
     print(f"WARNING: {summary['warning']}") if "warning" in summary else None
     return summary
 
-class Stopped(Exception):
+class Stopped(BaseException):   # as KeyboardInterrupt: no `except Exception` on the way may swallow it
     """SIGINT or SIGTERM: the rows of every finished batch are kept; the same command continues."""
 
 def on_signal(signum, frame):

@@ -398,16 +398,18 @@ class KVCache:
 
 class RotaryTable(torch.nn.Module):
     """A model's rotary embedding as a table indexed by position (as gpt-fast does): the same values, computed
-    once, and no data-dependent control flow (Phi-3's longrope) inside a captured decode step."""
+    once, and no data-dependent control flow (Phi-3's longrope) inside a captured decode step. Gemma-3 rotates
+    each layer type (sliding, full) with its own frequencies: one table per type."""
 
     def __init__(self, rotary, length: int, dtype, device):
         super().__init__()
-        cos, sin = rotary(torch.zeros(1, dtype=dtype, device=device), torch.arange(length, device=device)[None])
-        self.register_buffer("cos", cos[0], persistent=False)   # (length, head_dim)
-        self.register_buffer("sin", sin[0], persistent=False)
+        x, pos = torch.zeros(1, dtype=dtype, device=device), torch.arange(length, device=device)[None]
+        types = getattr(rotary, "layer_types", None) or [None]
+        self.tables = {t: [c[0] for c in rotary(x, pos, *[t] * (t is not None))] for t in types}   # (length, D)
 
-    def forward(self, x, position_ids):
-        return self.cos[position_ids], self.sin[position_ids]
+    def forward(self, x, position_ids, layer_type=None):
+        cos, sin = self.tables[layer_type]
+        return cos[position_ids], sin[position_ids]
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """The engine's attention (registered with transformers as "latro"). One new token per row reads the KV
@@ -478,14 +480,7 @@ class Engine:
             B, P, L = max(shapes, key=lambda s: s[0] * (s[1] + s[2]))
             self.reserve(B, P + L)
         for B, P, L in sorted(shapes):
-            self.phase = "compile"
-            try:
-                self._state(B, P, L)
-            except Exception as e:   # Inductor, Triton and CUDA raise many types: all mean "this mode fails here"
-                flag = "--cuda-graphs off" if self.phase == "capture" else "--compile off"
-                raise SystemExit(f"the sampler's decode step failed to {self.phase} for {B} rows x ({P} + {L}) "
-                                 f"tokens ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {flag} turns that "
-                                 f"part off") from None
+            self._state(B, P, L)
         self.prepared = self.late_compiles()
         return time.time() - t0
 
@@ -506,15 +501,27 @@ class Engine:
             st = SimpleNamespace(cache=KVCache(self.buf, B, P + L, self.kv_heads, self.head_dim), graph=None,
                                  token=z(B, 1), pos=z(B, 1), col=z(1), t=z(1), mask=z(B, 1, 1, P + L, dt=torch.bool),
                                  u=z(B, L, dt=torch.float64), out=z(B, L))
-            self._warm_up(st)
+            try:
+                self._warm_up(st)
+            except Exception as e:   # Inductor, Triton, CUDA, a model's own code: many types, one line
+                raise SystemExit(self._failure(e, B, P, L)) from None
             self.states[B, P, L] = st
         return self.states[B, P, L]
+
+    def _failure(self, e: Exception, B: int, P: int, L: int) -> str:
+        what = f"the sampler's decode step failed to {self.phase} for {B} rows x ({P} + {L}) tokens " \
+               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        if self.phase != "run":   # compiling or capturing failed: the eager step may still work
+            return f"{what}; {'--cuda-graphs off' if self.phase == 'capture' else '--compile off'} turns that part off"
+        return f"{what}: the engine cannot drive this {self.lm.config.model_type!r} model; it needs a decoder " \
+               f"whose attention takes transformers' attention and cache interfaces (Llama, Qwen, Mistral, Phi, ...)"
 
     def _warm_up(self, st):
         """Run the decode step before use (compiling it), then capture it as a CUDA graph. Each warm-up step
         starts at token 0, so it reads u[:, 0] and writes out[:, 0] whatever L is (`generate` rewrites the whole
         state and the cache). Eager runs one warm-up step: the same bookkeeping, checked by the tests."""
         st.cache.index, side = st.col, torch.cuda.Stream() if self.graphs else None
+        self.phase = "compile" if self.compiled else "run"
         for _ in range(2 if self.compiled or self.graphs else 1):
             st.t.zero_(), st.col.zero_(), st.mask[..., 0].fill_(True)
             if side is not None:   # warm-up on a side stream, as CUDA-graph capture requires
@@ -714,8 +721,11 @@ def decoder_layers(lm) -> torch.nn.ModuleList:
 def meta_model(cfg, dtype):
     """The model's modules on the meta device (no memory), sdpa attention, dropout off (deterministic)."""
     from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    try:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as e:   # no SDPA attention (Gemma-2's soft-capping, gpt-oss's sinks, Mamba): the scorer needs it
+        raise SystemExit(f"--model {cfg.name_or_path!r}: cannot build it ({str(e)[:300]})") from None
     for m in lm.modules():  # nn.Dropout modules and the attention_dropout floats the attention kernels read
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

@@ -198,12 +198,13 @@ def test_answer_after_a_boundary_that_would_merge(tiny_tok):
 # ---------------------------------------------------------------- the sampling engine against the plain loop
 
 FAMILIES = {  # tiny configs of the paper's families and their relatives: Llama, Mistral, Qwen2 (biases), Phi-3,
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),    # and GPT-2 (learned positions, blocks in .h, no GQA)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),    # GPT-2 (learned positions, blocks in .h, no GQA), Gemma-3
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"num_key_value_heads": None}),
-}
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 512}),   # a rotation per
+}                                                                                                  # layer type
 
 
 def family_model(name, vocab, seed=0):

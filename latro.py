@@ -843,8 +843,9 @@ def exit_cleanly(main, smaller: str, interrupted=lambda: ""):
     """Run a script's `main` and end the process with its status: 0, a signal's (130, 143), or 1 after an error's
     one line; memory running out is one line too, naming the flags that make the work `smaller`, and so are a
     Ctrl-C that the script's own handlers did not turn into a clean stop (during loading; a second one), after
-    `interrupted()` tidied up, and a collective broken by another rank's failure (whose line says why). Under torchrun, skip the interpreter's teardown, in which gloo's worker threads can
-    abort a process that finished or failed cleanly (SIGABRT, "terminate called without an active exception")."""
+    `interrupted()` tidied up, and a collective broken by another rank's failure (whose line says why). Under
+    torchrun, skip the interpreter's teardown, in which gloo's worker threads can abort a process that finished
+    or failed cleanly (SIGABRT, "terminate called without an active exception")."""
     try:
         main()
         code = 0
@@ -1165,7 +1166,8 @@ def print0(*a, **kw):
 # 11. The run folder: one owner, checksummed folders swapped in whole (a kill at any instant), resume, signals
 
 RESUME_KEYS = ("model", "dataset", "k", "beta", "max_new_tokens", "penalty", "sft_weight", "lr", "weight_decay",
-               "global_questions", "steps", "seed", "val_size", "grad_clip", "dtype")   # must match on --resume
+               "global_questions", "steps", "seed", "val_size", "grad_clip", "dtype",
+               "data_digest")   # must match on --resume; the digest of the rows: a file edited since, a new revision
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "best.old",
              "best.tmp")
 LOCKS = []   # this process's lock files: the kernel releases a lock when its holder dies
@@ -1346,8 +1348,9 @@ def find_checkpoint(args):
                          if notes else " (looked for checkpoint/ and checkpoint.old/)"))
     state, folder = max(found, key=lambda f: f[0]["step"])
     [print0(f"--resume: {note}; falling back to {folder} (step {state['step']})") for note in notes]
-    bad = [f"--{k.replace('_', '-')}: run {getattr(args, k)!r} vs checkpoint {state['config'].get(k)!r}"
-           for k in RESUME_KEYS if state["config"].get(k) != getattr(args, k)]
+    name = lambda k: "the dataset's rows (their digest)" if k == "data_digest" else f"--{k.replace('_', '-')}"
+    bad = [f"{name(k)}: run {getattr(args, k)!r} vs checkpoint {state['config'].get(k)!r}"
+           for k in RESUME_KEYS if k in state["config"] and state["config"][k] != getattr(args, k)]   # (older runs)
     if bad:   # the world size may change: the update does not
         raise SystemExit("--resume: the checkpoint was written by a different run:\n  " + "\n  ".join(bad))
     return folder, state
@@ -1443,6 +1446,8 @@ def setup(args):
     except data.DataError as e:
         raise SystemExit(f"--dataset {args.dataset!r}: {e}") from None
     resolve_defaults(args, train[0].task, world, len(train), len(val))
+    rows = repr([(e.question, e.gold, e.options) for e in train + val]).encode()   # resume checks the same rows
+    args.data_digest = hashlib.sha256(rows).hexdigest()[:12]
     try:
         tok = load_tokenizer(args.model, getattr(cfg, "vocab_size", None))
         lengths = [len(p) for p in data.prompt_ids(tok, train + val)]

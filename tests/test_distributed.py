@@ -3,6 +3,7 @@ over 2 "nodes", replicated, sharded and offloaded; the same in bf16 with a KL of
 resume after an interruption; crash-safe checkpoints; and what a user's mistakes and signals produce."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -266,6 +267,13 @@ def test_resume_with_different_flags_is_refused(tmp_path, tiny_dir, toy_data):
     p = launch(out, tiny_dir, toy_data, 1, ["--questions-per-rank", "2", "--resume", "--dtype", "bf16"], check=False)
     assert p.returncode != 0 and "--dtype: run 'bf16' vs checkpoint 'fp32'" in p.stderr
     assert json.load(open(out / "config.json"))["dtype"] == "fp32"          # the run's config is not rewritten
+    # the same path, other rows: a data file edited since (or a new hub revision) would make another run
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(open(toy_data).read())
+    launch(tmp_path / "d", tiny_dir, str(rows), 1, ["--questions-per-rank", "2", "--stop-after", "1"])
+    rows.write_text(open(toy_data).read().replace('#### 0"', '#### 5"', 1))   # one gold answer
+    p = launch(tmp_path / "d", tiny_dir, str(rows), 1, ["--questions-per-rank", "2", "--resume"], check=False)
+    assert p.returncode != 0 and re.search(r"the dataset's rows \(their digest\): run '\w+' vs checkpoint", p.stderr)
 
 
 def test_resume_without_checkpoint_is_refused(tmp_path, tiny_dir, toy_data):

@@ -267,9 +267,10 @@ def test_engine_on_smollm_matches_the_plain_loop(smollm_dir):
 
 
 @pytest.mark.slow
-def test_compiled_engine_gives_same_tokens(tiny_tok):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])   # Gemma-3: the rotary tables per layer type, compiled
+def test_compiled_engine_gives_same_tokens(tiny_tok, family):
     """--compile: the torch.compile'd decode step (fullgraph) samples the same tokens as the eager one."""
-    lm = build_tiny_model(len(tiny_tok), seed=6)
+    lm = build_tiny_model(len(tiny_tok), seed=6) if family == "llama" else family_model(family, len(tiny_tok), 6)
     prompts = [tiny_tok.encode(t, add_special_tokens=False) for t in PROMPTS[:2]]
     u = torch.rand(2, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     eager = latro.Engine(copy_of(lm), [tiny_tok.eos_token_id]).generate(prompts, 20, uniforms=u)

@@ -805,9 +805,13 @@ def setup_distributed(device_flag=None):
         asked = torch.device("meta")   # not a device name: refused below
     if asked and asked.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device {device_flag!r}: latro runs on cpu or cuda (cpu, cuda, cuda:1)")
-    if asked and asked.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device_flag!r}: no GPU is visible to this process")
     use_cuda = asked.type == "cuda" if asked else torch.cuda.is_available()
+    local_rank, n = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count() if use_cuda else 0
+    device = torch.device(f"cuda:{local_rank}" if use_cuda and asked in (None, torch.device("cuda")) else asked or "cpu")
+    if device.type == "cuda" and device.index >= n:   # cuda:5 of 4 GPUs, or more processes on a node than GPUs
+        raise SystemExit((f"--device {device_flag!r}" if device_flag else f"LOCAL_RANK {local_rank}") + ": " + (
+            f"cuda:{device.index} is not one of the {n} GPUs this process sees (CUDA_VISIBLE_DEVICES; torchrun's "
+            f"--nproc_per_node)" if n else "no GPU is visible to this process"))
     backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"   # gloo too: offload's gradient norm is on the host
     if not dist.is_initialized() and "RANK" in os.environ:
         exit_with_agent()
@@ -818,8 +822,6 @@ def setup_distributed(device_flag=None):
                              f"{str(e).splitlines()[0][:200]}; launch with torchrun, or unset RANK") from None
     elif not dist.is_initialized():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda and asked in (None, torch.device("cuda")) else asked or "cpu")
     torch.cuda.set_device(device) if device.type == "cuda" else None
     return dist.get_rank(), dist.get_world_size(), device
 

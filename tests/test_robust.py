@@ -527,3 +527,19 @@ def test_rank_set_without_the_rest_of_torchrun_is_one_line(tmp_path, tiny_dir):
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
         assert "torch.distributed cannot start from this environment (RANK=0)" in p.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_gpu_that_is_not_there_is_named(monkeypatch):
+    """--device cuda:7 on a 4-GPU machine, or torchrun with more processes per node than GPUs: one line, before
+    any process group starts (a traceback from set_device otherwise)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(SystemExit, match=r"--device 'cuda:7': cuda:7 is not one of the 4 GPUs this process sees"):
+        latro.setup_distributed("cuda:7")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(SystemExit, match=r"LOCAL_RANK 5: cuda:5 is not one of the 4 GPUs .*--nproc_per_node"):
+        latro.setup_distributed()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit, match=r"--device 'cuda': no GPU is visible to this process"):
+        latro.setup_distributed("cuda")
+    assert not torch.distributed.is_initialized()

@@ -1170,6 +1170,10 @@ def print0(*a, **kw):
 RESUME_KEYS = ("model", "dataset", "k", "beta", "max_new_tokens", "penalty", "sft_weight", "lr", "weight_decay",
                "global_questions", "steps", "seed", "val_size", "grad_clip", "dtype",
                "data_digest")   # must match on --resume; the digest of the rows: a file edited since, a new revision
+def rows_digest(examples: list) -> str:
+    """12 hex digits of a sha256 over every question, gold answer and option, in order (split included)."""
+    return hashlib.sha256(repr([(e.question, e.gold, e.options) for e in examples]).encode()).hexdigest()[:12]
+
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "best.old",
              "best.tmp")
 LOCKS = []   # this process's lock files: the kernel releases a lock when its holder dies
@@ -1448,8 +1452,7 @@ def setup(args):
     except data.DataError as e:
         raise SystemExit(f"--dataset {args.dataset!r}: {e}") from None
     resolve_defaults(args, train[0].task, world, len(train), len(val))
-    rows = repr([(e.question, e.gold, e.options) for e in train + val]).encode()   # resume checks the same rows
-    args.data_digest = hashlib.sha256(rows).hexdigest()[:12]
+    args.data_digest = rows_digest(train + val)                    # --resume checks that the rows are the same
     try:
         tok = load_tokenizer(args.model, getattr(cfg, "vocab_size", None))
         lengths = [len(p) for p in data.prompt_ids(tok, train + val)]

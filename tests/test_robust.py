@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import data
 import eval as ev
 import latro
 from conftest import ROOT, build_tiny_model, run_script
@@ -101,7 +102,9 @@ def resume_args(out, tiny_dir, toy_data):
                            "--eval-max-new-tokens", "8", "--heldout-questions", "2", "--lr", "3e-3", "--seed", "1",
                            "--questions-per-rank", "2", "--resume"])
     args.dtype = "fp32"                      # as setup resolves it on a CPU
-    return latro.resolve_defaults(args, "gsm8k", 1, 36, 4)
+    train, val = data.split_validation(data.load_split(toy_data, "train"), 4, 1)
+    args.data_digest = latro.rows_digest(train + val)   # as setup computes it
+    return latro.resolve_defaults(args, "gsm8k", 1, len(train), len(val))
 
 
 @pytest.mark.slow
@@ -523,7 +526,7 @@ def test_rank_set_without_the_rest_of_torchrun_is_one_line(tmp_path, tiny_dir):
                                                                                             "WORLD_SIZE": "1"}
     for script in ("latro.py", "eval.py"):
         p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--model", tiny_dir, "--dataset", "arith",
-                            "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=600)
+                            "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=3600)
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
         assert "torch.distributed cannot start from this environment (RANK=0)" in p.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "o")

@@ -510,7 +510,7 @@ class Engine:
 
     def _failure(self, e: Exception, B: int, P: int, L: int) -> str:
         what = f"the sampler's decode step failed to {self.phase} for {B} rows x ({P} + {L}) tokens " \
-               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+               f"({type(e).__name__}: {first_line(e)})"
         if self.phase != "run":   # compiling or capturing failed: the eager step may still work
             return f"{what}; {'--cuda-graphs off' if self.phase == 'capture' else '--compile off'} turns that part off"
         return f"{what}: the engine cannot drive this {self.lm.config.model_type!r} model; it needs a decoder " \
@@ -819,7 +819,7 @@ def setup_distributed(device_flag=None):
             dist.init_process_group(backend, timeout=timedelta(minutes=30))   # a slow start-up: loading, compiling
         except (ValueError, RuntimeError) as e:   # RANK set by hand or by a scheduler, without the rest
             raise SystemExit(f"torch.distributed cannot start from this environment (RANK={os.environ['RANK']}): "
-                             f"{str(e).splitlines()[0][:200]}; launch with torchrun, or unset RANK") from None
+                             f"{first_line(e)}; launch with torchrun, or unset RANK") from None
     elif not dist.is_initialized():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     torch.cuda.set_device(device) if device.type == "cuda" else None
@@ -841,6 +841,10 @@ def close_distributed():
     dist.barrier()
     dist.destroy_process_group()
 
+def first_line(e: BaseException) -> str:
+    """What an error's one line quotes of an exception: its first line, at most 200 characters (else its type)."""
+    return (str(e) or type(e).__name__).splitlines()[0][:200]
+
 def exit_cleanly(main, smaller: str, interrupted=lambda: ""):
     """Run a script's `main` and end the process with its status: 0, a signal's (130, 143), or 1 after an error's
     one line; memory running out is one line too, naming the flags that make the work `smaller`, and so are a
@@ -859,7 +863,7 @@ def exit_cleanly(main, smaller: str, interrupted=lambda: ""):
         if code == 1 and not isinstance(e.code, int):   # an error's message, printed as Python would print it
             print(e.code, file=sys.stderr)
     except (MemoryError, RuntimeError) as e:   # torch.OutOfMemoryError is a RuntimeError
-        text = (str(e) or type(e).__name__).splitlines()[0][:200]
+        text = first_line(e)
         if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "allocate memory" in text:   # a CPU's words
             print(f"out of memory ({text}): {smaller}", file=sys.stderr)
         elif "RANK" in os.environ and (isinstance(e, dist.DistError) or "by peer" in text):   # nccl's, gloo's
@@ -1275,7 +1279,7 @@ def write_folder(path: str, parts: list, need_gb: float, what: str, master: bool
         except Exception as e:   # OSError, torch's RuntimeError, a tokenizer's bare Exception: all I/O here
             if not master:
                 raise
-            error = error or (f"cannot write {what} to {path} (about {need_gb:.1f} GB): {str(e).splitlines()[0][:200]}"
+            error = error or (f"cannot write {what} to {path} (about {need_gb:.1f} GB): {first_line(e)}"
                               f"; the partial copy was removed and the last good one is kept")
     remove(tmp) if master and error else None
     rank0_verdict(error)

@@ -106,7 +106,9 @@ def latro_loss(logp_z, logp_z_ref, logp_y, finished, beta: float, sft_weight: fl
     loss = -objective.mean()
     stats = {"loss": loss.item(), "reward": reward.mean().item(), "logp_y": logp_y.detach().mean().item(),
              "kl": kl.mean().item(), "elbo": (logp_y.detach() - beta * kl).mean().item(),
-             "unfinished": (~finished).float().mean().item(), "advantage_abs": advantage.abs().mean().item()}
+             "unfinished": (~finished).float().mean().item(), "advantage_abs": advantage.abs().mean().item(),
+             # questions whose K rationales all reached L: one shared answer reward, so A_k is the KL term alone
+             "no_signal": (~finished).all(1).float().mean().item()}
     return loss, stats
 
 def lr_at(step: int, steps: int, lr: float) -> float:

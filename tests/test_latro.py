@@ -43,7 +43,19 @@ def test_penalty_and_reward_values():
     assert s["reward"] == pytest.approx(r.mean().item())
     a = r - r.flip(0)  # K = 2: the baseline is the other rationale's reward
     assert loss.item() == pytest.approx((-(a * logp_z[0]) - logp_y[0]).mean().item())
-    assert s["unfinished"] == 0.5 and s["kl"] == pytest.approx(0.0)
+    assert s["unfinished"] == 0.5 and s["kl"] == pytest.approx(0.0) and s["no_signal"] == 0.0
+
+
+def test_no_signal_counts_questions_whose_rationales_all_went_unfinished():
+    """no_signal: the share of questions whose K answer rewards are all the same penalty, so that their
+    advantages are the KL term's alone (exactly 0 when the KL is 0, as at step 0)."""
+    logp_y, zeros = torch.tensor([[-1.0, -3.0], [-2.0, -5.0], [-4.0, -4.5]]), torch.zeros(3, 2)
+    fin = torch.tensor([[False, False], [True, False], [False, False]])
+    logp_z = zeros.clone().requires_grad_(True)
+    loss, s = latro.latro_loss(logp_z, zeros, logp_y, fin, beta=0.1, sft_weight=0.0)
+    assert s["no_signal"] == pytest.approx(2 / 3)
+    loss.backward()   # questions 0 and 2 carry no gradient at all; question 1 does
+    assert logp_z.grad[[0, 2]].abs().sum() == 0 and logp_z.grad[1].abs().sum() > 0
 
 
 def separate_logprobs(lm, prompt, z, y):

@@ -40,14 +40,13 @@ leave-one-out estimator, then what the estimator consumes (the log-probabilities
 rationales of the sampler), then one training step that joins them, and the loop that repeats it: Eq. 4 is on
 the first screen and every quantity is defined before the step that uses it. A reader who stops at the
 "machinery" divider has read the whole algorithm; calls into the machinery are one line each (`setup`,
-`engine.generate`, `save_checkpoint`). After it: the fast sampler, model loading, torchrun plumbing, flags, the
-memory plan, the run folder (checkpoints, resume, signals), and setup.
+`engine.generate`, `save_checkpoint`). After it: the fast sampler, model loading, torchrun plumbing and the
+layout rule, flags, the run folder (checkpoints, resume, signals), and setup.
 
 Commands (the README has the CPU quick start with the real SmolLM2-135M-Instruct):
-    python latro.py --model microsoft/Phi-3.5-mini-instruct --dataset gsm8k     # 1 GPU: the plan picks offload
-    torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B         # 8 x 80 GB: the plan shards
+    python latro.py --model microsoft/Phi-3.5-mini-instruct --dataset gsm8k     # 1 GPU: auto picks offload
+    torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B         # 8 x 80 GB: auto shards
     torchrun --nproc_per_node=8 latro.py --model meta-llama/Llama-3.1-8B-Instruct --dataset gsm8k   # the paper
-    python latro.py --model FOLDER_WITH_CONFIG_JSON --plan-only --gpu-memory-gb 80    # what fits, no weights
     torchrun --nproc_per_node=2 latro.py --model TINY_FOLDER --dataset FILE.jsonl --k 3   # CPU, gloo (the tests)
 
 Map:
@@ -60,13 +59,12 @@ Map:
     --- machinery ---
     6  The engine           KVCache, RotaryTable, decode_attention, Engine         (fast z ~ pi(.|x))
     7  Models               paths, tokenizers, rank 0 reads and the others receive
-    8  Distributed          setup_distributed, wrap (FSDP2), collectives, the data order
+    8  Distributed          setup_distributed, auto_layout, wrap (FSDP2), collectives, the data order
     9  Flags                get_args, resolve_defaults
-    10 The memory plan      memory_plan, choose_layout
-    11 The run folder       lock, checksummed checkpoints swapped in whole, resume, signals
-    12 Setup                setup, build, restore
+    10 The run folder       lock, checksummed checkpoints swapped in whole, resume, signals
+    11 Setup                setup, build, restore
 """
-import argparse, copy, fcntl, functools, hashlib, json, math, os, random, re, resource, shutil, signal, socket, sys, time
+import argparse, copy, fcntl, functools, hashlib, json, math, os, random, re, shutil, signal, socket, sys, time
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -264,7 +262,6 @@ def score_and_backward(run, exs, rolls):
         for key, v in stats.items():  # sums, not means: the loop divides by the global row count after all_sum
             sums[key] = sums.get(key, 0.0) + v * m * K
         sums["z_len"] = sums.get("z_len", 0.0) + z_mask.sum().item()
-        sums["tokens"] = max(sums.get("tokens", 0), ids.numel())   # for the memory plan, not a metric
     return sums
 
 def train_step(run, step: int) -> dict:
@@ -285,7 +282,6 @@ def train_step(run, step: int) -> dict:
     # the global gradient norm is logged every step; with --grad-clip 0 (paper) the max norm is infinite
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-    tokens = sums.pop("tokens")
     keys = sorted(sums)   # every rank holds sums over its own rows: add them up, divide by the global rows
     tot = {k: v / (a.global_questions * a.k) for k, v in zip(keys, all_sum([sums[k] for k in keys], dev))}
     finite = math.isfinite(norm) and math.isfinite(tot["loss"])
@@ -294,13 +290,11 @@ def train_step(run, step: int) -> dict:
     if finite:                                                       # phase 3: AdamW, then the replica follows
         opt.step()
         refresh_replica(run.replica, run.model)
-    state_gb = train_state_gb(run.model, opt)
     opt.zero_grad(set_to_none=True)
     meter.lap("update")
     rec = {"step": step + 1, **tot, "grad_norm": norm, "lr": opt.param_groups[0]["lr"], **meter.record(),
            "sample_tokens_per_s": tot["z_len"] * a.global_questions * a.k / meter.seconds["sample"] / run.world,
-           "train_state_gb": state_gb, "decode_shapes": len(run.engine.states), "tokens": tokens,
-           "late_compiles": run.engine.late_compiles()}
+           "decode_shapes": len(run.engine.states), "late_compiles": run.engine.late_compiles()}
     return rec | ({} if finite else {"skipped": "non-finite loss or gradient norm: no update"})
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,8 +336,8 @@ def evaluate_and_keep_best(run, step: int):
 def main(argv=None):
     args = get_args(argv)
     signals = StopSignals()
-    run = setup(args)                                                # data, plan, models, engine, resume
-    if run is None:                                                  # --plan-only, or a finished run
+    run = setup(args)                                                # data, models, engine, resume
+    if run is None:                                                  # a resumed run that had finished
         return close_distributed()
     a, bad, why, done = run.args, 0, "done", run.start
     if a.eval_every and run.val and run.start == 0:
@@ -384,6 +378,9 @@ def main(argv=None):
 PROMPT_BUCKET = 64      # compiled / captured, prompt lengths are padded to a multiple of this (a few shapes a run)
 ROW_BUCKET = 8          # ... and rows to a multiple of this
 STOP_CHECK_EVERY = 8    # decode steps between stop checks (each is one host sync)
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 class KVCache:
     """A static KV cache that the attention layers write through `update`: per layer a (B, Hkv, S, D) key and
@@ -713,7 +710,7 @@ def check_lengths(tok, examples: list, lengths: list, max_new: int, limit: int, 
                          f"long): lower --max-new-tokens or remove the rows")
 
 def decoder_layers(lm) -> torch.nn.ModuleList:
-    """The decoder's blocks, FSDP2's unit and the plan's: `.layers` (Llama, Qwen, Mistral, Phi, Gemma), `.h` (GPT-2)."""
+    """The decoder's blocks, FSDP2's unit: `.layers` (Llama, Qwen, Mistral, Phi, Gemma), `.h` (GPT-2)."""
     blocks = [getattr(lm.get_decoder(), n, None) for n in ("layers", "h")]
     if not (found := [b for b in blocks if isinstance(b, torch.nn.ModuleList)]):
         raise SystemExit(f"--model {lm.config.name_or_path!r}: a {lm.config.model_type!r} model has no decoder blocks "
@@ -843,6 +840,10 @@ def close_distributed():
     dist.barrier()
     dist.destroy_process_group()
 
+def print0(*a, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **kw, flush=True)
+
 def first_line(e: BaseException) -> str:
     """What an error's one line quotes of an exception: its first line, at most 200 characters (else its type)."""
     return (str(e) or type(e).__name__).splitlines()[0][:200]
@@ -881,6 +882,20 @@ def exit_cleanly(main, smaller: str, interrupted=lambda: ""):
 def pick_dtype(flag: str, device) -> torch.dtype:
     """--dtype auto: bf16 on GPUs, fp32 on CPUs (where bf16 is ~3x slower)."""
     return torch.bfloat16 if flag == "bf16" or (flag == "auto" and device.type == "cuda") else torch.float32
+
+AUTO_OFFLOAD_SHARE = 0.6   # --parallel auto: one GPU holds its training state only within this share of its memory
+
+def auto_layout(n_params: int, world: int, device, compute_dtype) -> str:
+    """--parallel auto, a rule to check by hand. Several processes: shard. One process on a GPU: offload when the
+    fp32 training state (weights, gradients, AdamW m and v: 16 bytes per parameter) plus the two compute-dtype
+    copies (the reference and the sampler) would take more than AUTO_OFFLOAD_SHARE of the GPU's memory (the
+    rest is for the KV cache, activations and the allocator), else replicate. A CPU: replicate."""
+    if world > 1:
+        return "shard"
+    if device.type != "cuda":
+        return "replicate"
+    need = n_params * (16 + 2 * compute_dtype.itemsize)                   # bytes
+    return "offload" if need > AUTO_OFFLOAD_SHARE * torch.cuda.get_device_properties(device).total_memory else "replicate"
 
 def wrap(scorer, mode: str, device, compute_dtype, world: int):
     """FSDP2 in every mode, so that the policy computes with compute-dtype parameters cast from fp32 master
@@ -922,52 +937,42 @@ def global_questions(n_train: int, step: int, n: int, seed: int) -> list:
     of (seed, step) alone, so a resumed run reads the same questions without saving a data position."""
     return [epoch_order(n_train, seed, pos // n_train)[pos % n_train] for pos in range(step * n, (step + 1) * n)]
 
-def train_state_gb(model, opt) -> float:
-    """GB of fp32 parameters + gradients + AdamW state held by THIS rank (local shards; host or device)."""
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
-    return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**30
-
-def peak_gb(device) -> float:
-    """The allocator's peak since its last reset on a GPU; this process's peak resident memory on a CPU: VmHWM,
-    not ru_maxrss, which also holds the peak of the parent that spawned it (Linux keeps it across exec)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**20   # KiB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
 class Meter:
-    """Seconds and peak memory of each phase of a step: lap() starts a step, lap(phase) ends a phase."""
+    """Seconds of each phase of a step (lap() starts a step, lap(phase) ends a phase) and, on a GPU, the step's
+    peak of allocated memory."""
 
     def __init__(self, device):
-        self.device, self.seconds, self.peaks, self.t = device, {}, {}, time.time()
+        self.device, self.seconds, self.t = device, {}, time.time()
 
     def lap(self, phase: str = None):
         now = time.time()
         if phase:
-            self.seconds[phase], self.peaks[phase] = now - self.t, peak_gb(self.device)
+            self.seconds[phase] = now - self.t
         else:
-            self.seconds, self.peaks = {}, {}
+            self.seconds = {}
+            torch.cuda.reset_peak_memory_stats(self.device) if self.device.type == "cuda" else None
         self.t = now
-        torch.cuda.reset_peak_memory_stats(self.device) if self.device.type == "cuda" else None
 
     def record(self) -> dict:
+        gpu = self.device.type == "cuda"
         return {"seconds": sum(self.seconds.values()), **{f"t_{k}": v for k, v in self.seconds.items()},
-                **{f"peak_gb_{k}": v for k, v in self.peaks.items()}}
+                **({"peak_gb": torch.cuda.max_memory_allocated(self.device) / 2**30} if gpu else {})}
 
 # ----------------------------------------------------------------------------------------------------------
 # 9. Flags: the method, the run, the systems
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help appends "(default: X)", except where there is none to show (None: the help text says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (not the whole usage first), and which reads "-1e-3" as a (negative)
     value to range-check, not as an unknown option."""
 
     def __init__(self, *a, **kw):
-        super().__init__(*a, **{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kw})
+        super().__init__(*a, **{"formatter_class": DefaultsHelp, **kw})
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message):
@@ -1027,21 +1032,16 @@ def get_args(argv=None):
     r("--save-every", type=COUNT, default=20, help="write a checkpoint every N steps (and at the end); 0 = the end")
     r("--stop-after", type=COUNT, default=0, help="exit after this step as if interrupted (tests, job limits)")
     s = p.add_argument_group("the systems").add_argument
-    # the older names ddp / fsdp and a bare --compile (../shared/gpu/check.sh uses them) are still read
-    s("--parallel", choices=["auto", "replicate", "shard", "offload"], default="auto",
-      type=lambda v: {"ddp": "replicate", "fsdp": "shard"}.get(v, v), help="FSDP2 layout: replicate (every GPU "
-      "holds everything), shard (over the GPUs), offload (sharded, fp32 master weights, gradients and AdamW on the "
-      "host); auto picks the first that the memory plan fits")
+    s("--parallel", choices=["auto", "replicate", "shard", "offload"], default="auto", help="FSDP2 layout: "
+      "replicate (every GPU holds everything), shard (over the GPUs), offload (sharded, fp32 master weights, "
+      "gradients and AdamW on the host). auto: shard with several processes; one process on a GPU offloads when "
+      "16 bytes per parameter (fp32 weights, gradients, AdamW) plus the reference and the sampler in the compute "
+      f"dtype exceed {AUTO_OFFLOAD_SHARE * 100:.0f}%% of the GPU's memory, else replicates; a CPU replicates")
     s("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="compute dtype: bf16 on GPU, fp32 on CPU")
     s("--grad-checkpointing", **ONOFF, help="recompute activations in backward; auto = on for GPUs")
-    s("--compile", **ONOFF, nargs="?", const="on", help="torch.compile the sampler's decode step; auto = on for GPUs")
+    s("--compile", **ONOFF, help="torch.compile the sampler's decode step; auto = on for GPUs")
     s("--cuda-graphs", **ONOFF, help="replay the decode step as a CUDA graph; auto = on for GPUs")
     s("--micro-questions", type=POSITIVE, default=1, help="questions per forward/backward micro-batch (K rows each)")
-    s("--gpu-memory-gb", type=RATE, default=None, help="plan against this much memory per GPU (default: the "
-      "device's); with --plan-only, for such GPUs on any machine; on a CPU run, the memory it may use")
-    s("--host-memory-gb", type=RATE, default=None, help="plan against this much host memory (default: this machine's)")
-    s("--plan-only", action="store_true", help="print the memory plan and its verdict, and load no weights (a "
-      "folder holding only config.json will do)")
     s("--device", default=None, help="override the device (cpu, cuda:0); default: cuda:LOCAL_RANK if present")
     return p.parse_args(argv)
 
@@ -1066,112 +1066,8 @@ def resolve_defaults(args, task: str, world: int, n_train: int, n_val: int):
         args.steps = max(1, round(PAPER_STEPS[task] * PAPER_ROLLOUTS_PER_STEP / (args.global_questions * args.k)))
     return args
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
 # ----------------------------------------------------------------------------------------------------------
-# 10. The memory plan: what each phase holds per GPU and per host, from the model's shape and the flags
-
-PHASES = ("load", "sample", "score", "update", "save")
-
-def model_shape(cfg) -> dict:
-    """Parameter counts (from a weightless model on the meta device) and the sizes the plan needs."""
-    lm, heads = meta_model(cfg, torch.float32), cfg.num_attention_heads
-    return dict(n=sum(p.numel() for p in lm.parameters()), layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
-                layer_n=sum(p.numel() for p in decoder_layers(lm)[0].parameters()), vocab=cfg.vocab_size,
-                inter=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
-                kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-
-def memory_plan(s: dict, a, world: int, mode: str, on_gpu: bool, prompt_len: int, runtime_gb: float,
-                tokens: int = None, local: int = 1) -> list:
-    """Rows (item, GB per GPU, GB of host memory, phases it is live in) for one layout; the host column counts
-    the `local` processes of one machine, of which only rank 0 reads or gathers whole models. Phases: load (rank
-    0 reads the model, and on --resume the AdamW state, and sends each rank its part), sample, score (forward
-    + backward of micro-batches), update (AdamW, the replica refresh), save (rank 0 gathers full tensors). fp32
-    master weights, gradients and AdamW m, v: 16 bytes per parameter, divided over the ranks unless replicated,
-    on the host when offloaded. The reference and the sampler replica: 2 bytes per parameter each in bf16, on
-    every GPU. On a CPU everything is host memory. `tokens`: the tokens of the largest micro-batch (default:
-    every row at the longest prompt + L + y)."""
-    G, cb = 2**30, 4 if a.dtype == "fp32" else 2            # bytes per compute-dtype element
-    N, H, I, V, Ln = s["n"], s["hidden"], s["inter"], s["vocab"], s["layer_n"]
-    root = N - s["layers"] * Ln                              # embedding, final norm, LM head: FSDP2's root unit
-    shards, state_on = 1 if mode == "replicate" else world, "host" if mode == "offload" else "gpu"
-    rows, resume = a.questions_per_rank * a.k, a.resume      # rows the sampler decodes at once
-    length = prompt_len + max(a.max_new_tokens, a.eval_max_new_tokens)
-    micro_tokens = tokens or a.micro_questions * a.k * (prompt_len + a.max_new_tokens + 24)   # + y
-    layer_act = (10 * H + 4 * I) * cb + 2 * H * 4           # saved per token per layer, incl. fp32 norm inputs
-    act = micro_tokens * (s["layers"] * H * cb + layer_act if a.grad_checkpointing else s["layers"] * layer_act)
-    graphs = on_gpu and a.cuda_graphs not in (False, "off")
-    items = [("fp32 master weights", 4 * N / shards, state_on, "all"),
-             ("AdamW m and v (fp32)", 8 * N / shards, state_on, "all" if resume else "run"),
-             ("gradients (fp32)", 4 * N / shards, state_on, "score update save"),
-             ("reference pi_0 (frozen)", cb * N, "gpu", "all"),
-             ("sampler replica", cb * N, "gpu", "all"),
-             ("KV cache", rows * length * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * cb, "gpu", "run"),
-             ("decode: prefill activations", rows * prompt_len * (8 * H + 3 * I) * cb, "gpu", "sample"),
-             ("decode step: logits, softmax, CDF" + (" (graph pool)" if graphs else ""), rows * V * 24,
-              "gpu", "run" if graphs else "sample"),
-             ("FSDP2 whole layers in flight", (2 * Ln + root) * cb, "gpu", "score update save"),
-             ("activations of one micro-batch", act, "gpu", "score"),
-             ("log-prob chunk (fp32 logits, softmax, grad)", min(LOGPROB_CHUNK, micro_tokens) * V * 18, "gpu", "score"),
-             ("LM-head weight gradient of a chunk", V * H * cb, "gpu", "score"),
-             ("root gradients, unsharded in backward (+ fp32)", root * (cb + 4), "gpu", "score"),
-             ("reduce-scatter staging of 2 layers (fp32)", 2 * Ln * 4, "gpu", "score"),
-             ("CUDA context and NCCL buffers (estimate)", (1.5 if world > 1 else 0.6) * G * on_gpu, "gpu", "all"),
-             ("load: the full model" + (", then AdamW," if resume else "") + " on rank 0", (8 if resume else 4) * N
-              / local, "host", "load"),
-             ("checkpoint: full AdamW state on rank 0", 8 * N / local, "host", "save"),
-             ("runtime (Python, torch, data; measured)", runtime_gb * G, "host", "all")]
-    out = []
-    for item, nbytes, where, phases in items:
-        where = where if on_gpu else "host"
-        nbytes *= local if where == "host" else 1
-        live = {"all": PHASES, "run": PHASES[1:]}.get(phases) or tuple(phases.split())
-        out.append((item, nbytes / G if where == "gpu" else 0.0, nbytes / G if where == "host" else 0.0, live))
-    return out
-
-def plan_peaks(rows: list) -> dict:
-    """{phase: (GB per GPU, GB of host memory)} of a plan."""
-    return {ph: (sum(r[1] for r in rows if ph in r[3]), sum(r[2] for r in rows if ph in r[3])) for ph in PHASES}
-
-def choose_layout(shape, args, world, device, prompt_len, runtime_gb):
-    """--parallel auto: the first layout whose plan fits 90% of the memory (the rest: the allocator's slack), of
-    replicate, shard, offload. The table on demand (--plan-only) or on refusal; the verdict always, last."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    on_gpu = device.type == "cuda" or bool(args.plan_only and args.gpu_memory_gb)   # planning for GPUs elsewhere
-    gpu_gb = args.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / 2**30 if on_gpu else 0)
-    host_gb = args.host_memory_gb or (args.gpu_memory_gb if not on_gpu and args.gpu_memory_gb else
-                                      os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30)
-    plan = lambda mode: memory_plan(shape, args, world, mode, on_gpu, prompt_len, runtime_gb, local=local)
-    peak = lambda mode: [max(x[i] for x in plan_peaks(plan(mode)).values()) for i in (0, 1)]
-    fits = lambda mode: peak(mode)[0] <= 0.9 * gpu_gb * on_gpu and peak(mode)[1] <= 0.9 * host_gb
-    modes = [args.parallel] if args.parallel != "auto" else (["shard"] if world == 1 else ["replicate", "shard"]) + \
-        (["offload"] if on_gpu else [])
-    mode = next((m for m in modes if fits(m)), modes[-1])
-    (g, h), cols = peak(mode), (lambda g, h: f"{g:9.2f} {h:9.2f}") if on_gpu else (lambda g, h: f"{h:9.2f}")
-    if args.plan_only or not fits(mode):
-        print0(f"memory plan: {shape['n'] / 1e9:.2f} B parameters, {args.questions_per_rank * args.k} rows x "
-               f"({prompt_len} prompt + {args.max_new_tokens} tokens), --parallel {mode}" + ("" if on_gpu else
-               " (a CPU run: all host memory)") + f"\n  {'item':50s} " + ("  per GPU  per host" if on_gpu else
-               "       GB") + "  live in")
-        print0("\n".join([f"  {i:50s} {cols(g_, h_)}  {', '.join(ph)}" for i, g_, h_, ph in plan(mode) if g_ or h_]
-                         + [f"  {'peak while ' + ph:50s} {cols(*v)}" for ph, v in plan_peaks(plan(mode)).items()]))
-    verdict = (f"{'fits' if fits(mode) else 'does NOT fit'} with --parallel {mode}: peak " + (f"{g:.1f} GB per GPU "
-               f"of {0.9 * gpu_gb:.1f}, " if on_gpu else "") + f"{h:.1f} GB of host memory of {0.9 * host_gb:.1f} "
-               f"(90% of what there is{f', {local} processes on this host' if local > 1 else ''})")
-    if not fits(mode) and not args.plan_only:
-        raise SystemExit(f"the memory plan {verdict}: use more GPUs, --parallel offload, --grad-checkpointing on, "
-                         f"or fewer --micro-questions, --questions-per-rank, --k or --max-new-tokens")
-    print0(f"plan: {verdict}")
-    return mode
-
-def print0(*a, **kw):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **kw, flush=True)
-
-# ----------------------------------------------------------------------------------------------------------
-# 11. The run folder: one owner, checksummed folders swapped in whole (a kill at any instant), resume, signals
+# 10. The run folder: one owner, checksummed folders swapped in whole (a kill at any instant), resume, signals
 
 RESUME_KEYS = ("model", "dataset", "k", "beta", "max_new_tokens", "penalty", "sft_weight", "lr", "weight_decay",
                "global_questions", "steps", "seed", "val_size", "grad_clip", "dtype",
@@ -1312,7 +1208,8 @@ def save_checkpoint(run, step: int, confirmed: bool):
     resume.json (step, best, the flags that must match, whether the next step confirmed it good): it loads at
     any world size and in plain transformers. The previous one stays as checkpoint.old (a fallback)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    state = {"step": step, "confirmed": confirmed, "best": run.best, "config": run.config, "n_params": run.n_params}
+    state = {"step": step, "confirmed": confirmed, "best": run.best, "n_params": run.n_params,
+             "config": {k: run.config[k] for k in RESUME_KEYS}}
 
     def optimizer_part(tmp, write):
         sd = get_optimizer_state_dict(run.model, run.opt, options=StateDictOptions(full_state_dict=True,
@@ -1436,21 +1333,21 @@ def summary(run, done: int, why: str):
            a.steps else ")") if saved else "checkpoint: none written (SIGTERM, --save-every or the last step write one)")
 
 # ----------------------------------------------------------------------------------------------------------
-# 12. Setup: data, the plan, the run folder, models, the engine, resume
+# 11. Setup: data, the run folder, models, the engine, resume
 
 def setup(args):
-    """Everything before the first step: data (every row checked), the memory plan (before any weights load),
-    the run folder, models, the engine, AdamW, resume state and the held-out rollouts. None when there is
-    nothing to run: --plan-only, or a resumed run that has finished."""
+    """Everything before the first step: data (every row checked), the layout, the run folder, the resolved setup
+    printed, then models, the engine, AdamW, resume state and the held-out rollouts. None when a resumed run has
+    already finished."""
     quiet_transformers()
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed), random.seed(args.seed)
-    gpu = device.type == "cuda" or bool(args.plan_only and args.gpu_memory_gb)   # or planning for GPUs
-    dtype = pick_dtype(args.dtype, torch.device("cuda" if gpu else "cpu"))
+    gpu = device.type == "cuda"
+    dtype = pick_dtype(args.dtype, device)
     args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"    # resolved, so that a resume can check it
     args.grad_checkpointing, args.compile, args.cuda_graphs = (f == "on" or (f == "auto" and gpu) for f in (
         args.grad_checkpointing, args.compile, args.cuda_graphs))
-    if args.cuda_graphs and device.type != "cuda" and not args.plan_only:
+    if args.cuda_graphs and not gpu:
         raise SystemExit("--cuda-graphs on needs a GPU")
     cfg = load_config(args.model)                                  # fails on a wrong path before any work
     try:
@@ -1459,22 +1356,15 @@ def setup(args):
         raise SystemExit(f"--dataset {args.dataset!r}: {e}") from None
     resolve_defaults(args, train[0].task, world, len(train), len(val))
     args.data_digest = rows_digest(train + val)                    # --resume checks that the rows are the same
-    try:
-        tok = load_tokenizer(args.model, getattr(cfg, "vocab_size", None))
-        lengths = [len(p) for p in data.prompt_ids(tok, train + val)]
-        check_lengths(tok, train + val, lengths, max(args.max_new_tokens, args.eval_max_new_tokens),
-                      context_length(cfg), answer=True)   # every row fits: checked now, not hours into the run
-    except SystemExit:
-        if not args.plan_only or "tok" in locals():
-            raise
-        print0("--plan-only: no tokenizer in --model; prompt lengths estimated as characters / 3 + 64")
-        tok, lengths = None, [len(data.user_message(e)) // 3 + 64 for e in train + val]
-    shape, runtime_gb = model_shape(cfg), peak_gb(torch.device("cpu"))   # Python, torch, data: measured
-    args.parallel = choose_layout(shape, args, world, device, round_up(max(lengths), PROMPT_BUCKET), runtime_gb)
-    if args.plan_only:
-        return None
+    tok = load_tokenizer(args.model, getattr(cfg, "vocab_size", None))
+    lengths = [len(p) for p in data.prompt_ids(tok, train + val)]
+    check_lengths(tok, train + val, lengths, max(args.max_new_tokens, args.eval_max_new_tokens),
+                  context_length(cfg), answer=True)   # every row fits: checked now, not hours into the run
+    n_params = sum(p.numel() for p in meta_model(cfg, torch.float32).parameters())   # no memory: meta tensors
+    if args.parallel == "auto":
+        args.parallel = auto_layout(n_params, world, device, dtype)
     run = SimpleNamespace(args=args, rank=rank, world=world, device=device, master=rank == 0, tok=tok, train=train,
-                          val=val, n_params=shape["n"], start=0, best=None, saved=None, pending_save=False,
+                          val=val, n_params=n_params, start=0, best=None, saved=None, pending_save=False,
                           error=None, eot=data.end_of_turn(tok), meter=Meter(device), dtype=dtype, cfg=cfg,
                           lengths={e.where: n for e, n in zip(train + val, lengths)},
                           metrics=os.path.join(args.out, "metrics.jsonl"))
@@ -1486,13 +1376,11 @@ def setup(args):
         print0(f"the run in {args.out} has finished all {args.steps} steps (checkpoint at step {resume['step']}); "
                f"nothing to do")
         return None
+    describe(run, resume["step"] if resume else 0)                  # first: loading and sampling take a while
     build(run, ckpt)
     restore(run, ckpt, resume) if resume else None
-    describe(run, shape, dict(prompt_len=round_up(max(lengths), PROMPT_BUCKET), runtime_gb=runtime_gb))
-    peaks = [0.0] * world   # what loading (and resuming) cost each rank's host memory: rank 0 reads, others receive
-    dist.all_gather_object(peaks, peak_gb(torch.device("cpu")))
-    log(run, {"step": run.start, "load_peak_gb": peaks}, "host memory after loading: " +
-        " / ".join(f"{p:.2f}" for p in peaks) + " GB (peak per rank)")
+    if run.master and not run.start:   # config.json: every flag, resolved; a resumed run keeps its own
+        write_atomic(os.path.join(args.out, "config.json"), json.dumps(run.config, indent=1))
     return run
 
 def build(run, ckpt):
@@ -1557,20 +1445,17 @@ def restore(run, ckpt: str, resume: dict):
         write_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))   # a kill here keeps the old file
     print0(f"resumed from {ckpt} at step {run.start}")
 
-def describe(run, shape: dict, plan_inputs: dict):
-    """The resolved setup, once, in a few lines; config.json in the run folder holds every flag."""
+def describe(run, start: int):
+    """The resolved setup, once, in a few lines, before anything loads; run.config: what config.json holds."""
     a = run.args
-    config = dict(vars(a), world=run.world, task=run.train[0].task, n_params=shape["n"], n_train=len(run.train),
-                  n_val=len(run.val), **plan_inputs)
-    if run.master and not run.start:   # a resumed run keeps the config it started with
-        write_atomic(os.path.join(a.out, "config.json"), json.dumps(config, indent=1))
-    run.config = {k: config[k] for k in RESUME_KEYS}
-    print0(f"latro: {a.model} ({shape['n'] / 1e6:.1f} M parameters) on {a.dataset} ({len(run.train)} train, "
+    run.config = dict(vars(a), world=run.world, task=run.train[0].task, n_params=run.n_params,
+                      n_train=len(run.train), n_val=len(run.val))
+    print0(f"latro: {a.model} ({run.n_params / 1e6:.1f} M parameters) on {a.dataset} ({len(run.train)} train, "
            f"{len(run.val)} validation) | {run.world} x {run.device.type}, {a.dtype}, --parallel {a.parallel}\n"
            f"  method: K {a.k}, beta {a.beta}, L {a.max_new_tokens}, gamma {a.penalty}, w_sft {a.sft_weight}, "
            f"lr {a.lr} -> 0, {a.global_questions} questions per step, {a.steps} steps\n  run: {a.out} (config.json: "
            f"every flag), validation every {a.eval_every or 'never'}, checkpoint every {a.save_every or 'end'}"
-           + (f", from step {run.start}" if run.start else ""))
+           + (f", from step {start}" if start else ""))
 
 def interrupted() -> str:
     """latro.py stopped at once (a second Ctrl-C, or one during loading): no folder is left half swapped."""
@@ -1580,5 +1465,5 @@ def interrupted() -> str:
     return f"; the last checkpoint in {out}, if any, is kept (continue with --resume)"
 
 if __name__ == "__main__":
-    exit_cleanly(main, "the memory plan fell short; lower --micro-questions, --questions-per-rank, --k or "
-                 "--max-new-tokens, or turn --grad-checkpointing on; the last checkpoint is kept", interrupted)
+    exit_cleanly(main, "use --parallel offload or more GPUs, turn --grad-checkpointing on, or lower --micro-questions, "
+                 "--questions-per-rank, --k or --max-new-tokens; the last checkpoint is kept", interrupted)

@@ -96,6 +96,19 @@ def build_tiny_model(vocab_size: int, seed: int = 0, **kw):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or real-model tests (seconds to a minute); run by "
                                        "default, leave out with -m 'not slow'")
+    config.addinivalue_line("markers", "long: the long end-to-end runs (the README's commands, the learning run, "
+                                       "kills at every instant, multi-process sweeps); left out unless -m names "
+                                       "them: `pytest -m long` runs them alone (CI runs both)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest` leaves the tests marked long out (a newcomer's wait); `pytest -m long` (or any -m naming long)
+    runs them."""
+    if "long" in (config.getoption("-m") or ""):
+        return
+    kept = [item for item in items if "long" not in item.keywords]
+    config.hook.pytest_deselected(items=[item for item in items if "long" in item.keywords])
+    items[:] = kept
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@
 #      compiled, compiled + CUDA graphs: ms per decode step and per token, bytes moved per step against the floor
 #   B  latro.py at the 1.2 B shape, FSDP2 (2 processes when there are 2 GPUs, else 1), prompts of two lengths so
 #      that the decode shape changes between steps: decode shapes compiled at start-up, late_compiles per step
-#      (must be 0), each phase's peak against the plan, then --resume and its host memory per rank
+#      (must be 0), each phase's seconds and the step's peak of GPU memory, then --resume
 #   C  eval.py at the 1.2 B shape: ms per decoded token, and a continued (interrupted) evaluation
 # About 8 minutes on an H100 / H200; everything is also written to $OUT (default: a temporary folder).
 set -u
@@ -43,23 +43,12 @@ L="--model $S/m1b --dataset $S/two.jsonl --out $S/r1b --k 16 --questions-per-ran
 timeout 300 torchrun --standalone --nproc_per_node=$NPROC latro.py $L --stop-after 3 2>&1 | grep -v "it/s" | tail -12
 timeout 200 torchrun --standalone --nproc_per_node=$NPROC latro.py $L --resume 2>&1 | grep -v "it/s" | tail -8
 python3 - "$S/r1b" <<'PY'
-import argparse, json, os, sys
-sys.path.insert(0, os.getcwd())
-import latro
-out = sys.argv[1]
-cfg = json.load(open(os.path.join(out, "config.json")))
-rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-shape = latro.model_shape(latro.load_config(cfg["model"]))
-for r in rows:
-    if "load_peak_gb" in r:
-        print(f"after loading at step {r['step']}: host peak per rank {r['load_peak_gb']} GB")
-    if "reward" not in r:
-        continue
-    plan = latro.plan_peaks(latro.memory_plan(shape, argparse.Namespace(**cfg), cfg["world"], cfg["parallel"], True,
-                                              cfg["prompt_len"], cfg["runtime_gb"], tokens=r["tokens"]))
-    print(f"step {r['step']}: late_compiles {r['late_compiles']}, decode shapes {r['decode_shapes']}, sample "
-          f"{r['t_sample']:.1f} s ({r['z_len']:.0f} tokens a row), " + ", ".join(
-              f"{ph} {r['peak_gb_' + ph]:.1f} GB (plan {plan[ph][0]:.1f})" for ph in ("sample", "score", "update")))
+import json, os, sys
+for r in [json.loads(l) for l in open(os.path.join(sys.argv[1], "metrics.jsonl"))]:
+    if "reward" in r:
+        print(f"step {r['step']}: late_compiles {r['late_compiles']}, decode shapes {r['decode_shapes']}, sample "
+              f"{r['t_sample']:.1f} s ({r['z_len']:.0f} tokens a row), score {r['t_score']:.1f} s, update "
+              f"{r['t_update']:.1f} s, peak {r['peak_gb']:.1f} GB allocated")
 PY
 
 el "C: eval.py, 1.2 B shape, 96 questions, batch 48, 128 tokens, interrupted once and continued"

@@ -59,6 +59,7 @@ def test_batch_size_does_not_change_outputs_smollm(smollm_dir, shared_data, tmp_
     assert all(len(o) > 20 for o in outs[0])  # a real model writes text
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_one_and_two_processes_agree(tiny_dir, toy_sets, tmp_path):
     argv = ["--model", tiny_dir, "--dataset", str(toy_sets / "arc.jsonl"), "--split", "train", "--max-new-tokens",

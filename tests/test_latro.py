@@ -1,6 +1,6 @@
 """latro.py: the objective against the paper's estimator, unbiasedness by enumeration, fused scoring against
 separate forwards and Hugging Face's cross-entropy, masks, y tokenised in context, the sampling engine against the
-plain decode loop (several model families, greedy and sampled, compiled), truncation rules, the memory plan, and
+plain decode loop (several model families, greedy and sampled, compiled), truncation rules, the layout rule, and
 the flags."""
 import math
 import os
@@ -420,16 +420,7 @@ def test_same_seed_same_rationales_and_loss(tiny_tok):
     assert a[0] != c[0]
 
 
-# ---------------------------------------------------------------- the memory plan
-
-def plan_for(cfg_kw, argv, world=1, mode="shard", on_gpu=True, prompt=192):
-    from transformers import LlamaConfig
-    shape = latro.model_shape(LlamaConfig(**cfg_kw))
-    args = latro.get_args(["--model", "x", *argv])
-    args.dtype, args.grad_checkpointing = "bf16", on_gpu
-    latro.resolve_defaults(args, "gsm8k", world, 7000, 200)
-    return shape, latro.plan_peaks(latro.memory_plan(shape, args, world, mode, on_gpu, prompt, 0.5))
-
+# ---------------------------------------------------------------- the layout rule (--parallel auto)
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
@@ -437,45 +428,24 @@ PHI35 = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num
              num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False)
 
 
-def test_plan_arithmetic():
-    shape, shard8 = plan_for(LLAMA_8B, [], world=8, mode="shard")
-    assert shape["n"] == 8_030_261_248                         # Llama-3.1-8B's parameter count, from the config
-    _, replicate8 = plan_for(LLAMA_8B, [], world=8, mode="replicate")
-    G = 2**30
-    # replicating adds 15/16 of the 16 bytes per parameter of fp32 master, gradients and AdamW, per GPU
-    assert replicate8["update"][0] - shard8["update"][0] == pytest.approx(16 * shape["n"] * 7 / 8 / G)
-    _, offload1 = plan_for(PHI35, [], world=1, mode="offload")
-    _, shard1 = plan_for(PHI35, [], world=1, mode="shard")
-    assert shard1["update"][0] > 80 and offload1["update"][0] < 0.6 * 80   # Phi-3.5 on one 80 GB GPU: offload
-    assert offload1["update"][1] == pytest.approx(16 * 3_821_079_552 / G, rel=0.01)  # its 16 B/param on the host
-    # the KV cache of Phi-3.5 (no GQA): 48 rows x (192 + 500) tokens x 32 layers x 2 x 32 heads x 96 x 2 B
-    kv = 48 * 692 * 32 * 2 * 32 * 96 * 2 / G
-    assert offload1["sample"][0] - plan_for(PHI35, ["--k", "8"], mode="offload")[1]["sample"][0] > kv / 2 * 0.99
-
-
-def test_auto_layout_follows_the_plan(capsys):
+def test_auto_layout_is_the_rule_in_the_help(monkeypatch):
+    """Several processes shard; one process on a GPU offloads when 16 B per parameter plus two compute-dtype
+    copies exceed AUTO_OFFLOAD_SHARE of the GPU's memory; a CPU replicates. Parameter counts from the configs."""
     from transformers import LlamaConfig
-    shape = latro.model_shape(LlamaConfig(**PHI35))
-
-    def layout(argv):
-        args = latro.get_args(["--model", "x", *argv])
-        args.dtype, args.grad_checkpointing = "bf16", False
-        latro.resolve_defaults(args, "gsm8k", 1, 7000, 200)
-        return args, latro.choose_layout(shape, args, 1, torch.device("cpu"), 192, 0.5)
-    assert layout(["--gpu-memory-gb", "500"])[1] == "shard"   # on a CPU everything is host memory: no offload
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("plan: fits with --parallel shard: peak")
-    # between the score peaks of 3 and of 1 question per micro-batch: refused before any weights load
-    peak = lambda m: max(h for _, h in plan_for(PHI35, ["--micro-questions", str(m)], on_gpu=False)[1].values())
-    budget = (peak(1) + peak(3)) / 2 / 0.9
-    assert peak(1) < 0.9 * budget < peak(3)
-    with pytest.raises(SystemExit, match=r"the memory plan does NOT fit with --parallel shard: peak .* use more GPUs"):
-        layout(["--gpu-memory-gb", f"{budget:.3f}", "--micro-questions", "3"])
-    assert "peak while score" in capsys.readouterr().out        # the refusal shows the whole table
-    assert layout(["--gpu-memory-gb", f"{budget:.3f}", "--micro-questions", "1"])[1] == "shard"
-    # --plan-only never refuses, and with --gpu-memory-gb plans for GPUs of that size: Phi-3.5 at the paper's
-    # defaults does not fit one 80 GB GPU with everything on it, and fits with offload
-    assert layout(["--gpu-memory-gb", "80", "--host-memory-gb", "256", "--plan-only"])[1] == "offload"
-    assert layout(["--gpu-memory-gb", "10", "--plan-only"])[1] == "offload"
+    count = lambda kw: sum(p.numel() for p in latro.meta_model(LlamaConfig(**kw), torch.float32).parameters())
+    n8b, phi = count(LLAMA_8B), count(PHI35)
+    assert (n8b, phi) == (8_030_261_248, 3_821_079_552)
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * 10**9}))
+    assert latro.auto_layout(n8b, 8, gpu, torch.bfloat16) == "shard"
+    assert latro.auto_layout(phi, 1, gpu, torch.bfloat16) == "offload"          # 20 B x 3.8 B = 76 GB > 48 GB
+    assert latro.auto_layout(phi, 1, torch.device("cpu"), torch.float32) == "replicate"
+    assert latro.auto_layout(phi, 2, torch.device("cpu"), torch.float32) == "shard"
+    # the threshold itself: just under and just over the share of an 80 GB GPU, in bf16 (20 bytes per parameter)
+    edge = latro.AUTO_OFFLOAD_SHARE * 80 * 10**9 / 20
+    assert latro.auto_layout(int(edge * 0.99), 1, gpu, torch.bfloat16) == "replicate"
+    assert latro.auto_layout(int(edge * 1.01), 1, gpu, torch.bfloat16) == "offload"
+    assert latro.auto_layout(int(edge * 0.99), 1, gpu, torch.float32) == "offload"   # fp32 copies: 24 B a parameter
 
 
 # ---------------------------------------------------------------- flags
@@ -486,6 +456,8 @@ def test_cli_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for action in latro.get_args(["--model", "x"]).__dict__:
         assert f"--{action.replace('_', '-')}" in text
+    assert "(default: None)" not in text and "(default: False)" not in text   # the help says what happens
+    assert "(default: 16)" in text and "(default: 0.0)" in text                # real defaults are shown
     with pytest.raises(SystemExit):
         latro.get_args(["--model", "x", "--no-such-flag"])
 
@@ -494,7 +466,7 @@ def test_cli_help_documents_every_flag(capsys):
     ("--steps", "0"), ("--steps", "-3"), ("--lr", "-1e-3"), ("--lr", "0"), ("--lr", "nan"), ("--max-new-tokens", "-5"),
     ("--max-new-tokens", "0"), ("--micro-questions", "0"), ("--k", "0"), ("--val-size", "-1"), ("--beta", "-0.1"),
     ("--questions-per-rank", "0"), ("--eval-every", "-1"), ("--seed", "x"), ("--seed", "4294967296"),
-    ("--gpu-memory-gb", "0"), ("--weight-decay", "-1"), ("--save-every", "-2"),
+    ("--weight-decay", "-1"), ("--save-every", "-2"),
 ])
 def test_numeric_flags_are_range_checked_at_parse_time(capsys, flag, value):
     with pytest.raises(SystemExit) as e:
@@ -626,14 +598,24 @@ def test_nothing_compiles_after_start_up_unless_a_shape_was_missed(tiny_tok, cap
     assert engine.late_compiles() >= 1 and "compiles mid-run" in capsys.readouterr().err
 
 
-def test_host_peak_is_this_process_own_not_its_parents():
-    """A run's measured host peak and its 'runtime' in the plan are the process's own: ru_maxrss would also hold
-    the peak of the process that spawned it (pytest with 1.5 GB here; a CI run's pytest with 2 GB made the plan
-    of a SmolLM2 run read 2.0 GB of runtime instead of 0.4)."""
+def test_torch_memory_tracker_counts_the_state_the_arithmetic_says():
+    """tests/fsdp_memory.py drives latro.py's wrapping and scoring under torch's FSDP2 memory tracker, on fake
+    tensors and a fake process group of 8 ranks: one rank keeps 4 bytes of fp32 weights and 8 of AdamW state per
+    parameter / 8, and beside them the two bf16 copies and the KV cache (a 2-layer model of Llama-3.1-8B's
+    width; in a subprocess, whose process group is its own)."""
+    import json
     import subprocess
     import sys
-    big = torch.ones(1536 * 2**20 // 4)   # 1.5 GB resident in this process
-    code = "import torch, latro; print(latro.peak_gb(torch.device('cpu')))"
+    code = ("import argparse, json, sys; sys.path.insert(0, 'tests'); import fsdp_memory as f; shape = "
+            "dict(f.MODELS['llama-3.1-8b'], num_hidden_layers=2); a = argparse.Namespace(k=4, questions=3, "
+            "prompt=64, L=64, lr=5e-7); print(json.dumps(f.tracked(shape, 8, a)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(latro.__file__), capture_output=True,
-                         text=True, check=True).stdout
-    assert big.sum() > 0 and float(out) < 1.0, out
+                         text=True, timeout=3600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    t = json.loads(out.stdout.strip().splitlines()[-1])
+    from transformers import LlamaConfig
+    n = sum(p.numel() for p in latro.meta_model(LlamaConfig(**(LLAMA_8B | {"num_hidden_layers": 2})), torch.float32).parameters())
+    kv = 12 * 128 * 2 * 2 * 8 * 128 * 2                                    # rows x tokens x layers x K,V x heads x dim x bf16
+    assert t["layout"] == "shard" and t["state"] == pytest.approx(12 * n / 8 / 2**30, rel=1e-3)
+    assert t["kept"] == pytest.approx(t["state"] + (2 * 2 * n + kv) / 2**30, rel=1e-3)
+    assert t["peak"] > t["kept"] + 4 * n / 8 / 2**30                      # the gradients, at least, come on top

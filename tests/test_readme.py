@@ -33,6 +33,7 @@ def with_flags(argv: list, **flags) -> list:
     return argv
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_quickstart_reinforce_acts_and_the_heldout_curve_rises(smollm_dir, shared_data, tmp_path):
     script, argv = command("runs/quickstart")
@@ -47,6 +48,7 @@ def test_quickstart_reinforce_acts_and_the_heldout_curve_rises(smollm_dir, share
     assert "step    1 | reward" in p.stdout and "done: 2 of 2 steps" in p.stdout
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_teaching_run_commands_and_summary_fields(smollm_dir, tmp_path):
     """The README's teaching run, shortened: 2 training steps, 8 test questions, 16 new tokens."""

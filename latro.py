@@ -40,8 +40,7 @@ leave-one-out estimator, then what the estimator consumes (the log-probabilities
 rationales of the sampler), then one training step that joins them, and the loop that repeats it: Eq. 4 is on
 the first screen and every quantity is defined before the step that uses it. A reader who stops at the
 "machinery" divider has read the whole algorithm; calls into the machinery are one line each (`setup`,
-`engine.generate`, `save_checkpoint`). After it: the fast sampler, model loading, torchrun plumbing and the
-layout rule, flags, the run folder (checkpoints, resume, signals), and setup.
+`engine.generate`, `save_checkpoint`); the map below lists what follows it.
 
 Commands (the README has the CPU quick start with the real SmolLM2-135M-Instruct):
     python latro.py --model microsoft/Phi-3.5-mini-instruct --dataset gsm8k     # 1 GPU: auto picks offload
@@ -64,7 +63,8 @@ Map:
     10 The run folder       lock, checksummed checkpoints swapped in whole, resume, signals
     11 Setup                setup, build, restore
 """
-import argparse, copy, fcntl, functools, hashlib, json, math, os, random, re, shutil, signal, socket, sys, time
+import argparse, contextlib, copy, ctypes, fcntl, functools, hashlib, json
+import math, os, random, re, shutil, signal, socket, sys, time
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -81,8 +81,7 @@ PAPER_BETA = {"gsm8k": 0.05, "arc_challenge": 0.25}
 PAPER_STEPS = {"gsm8k": 117, "arc_challenge": 35}
 PAPER_ROLLOUTS_PER_STEP = 24 * 16
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. The objective (paper Eq. 2-4)
+# 1. The objective (paper Eq. 2-4) ---------------------------------------------------------------------------
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """(N, K) -> (N, K): A_k = r_k - mean_{j != k} r_j (leave-one-out baseline)."""
@@ -113,18 +112,16 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     """Linear decay from lr to 0 over `steps`, no warm-up (paper Sec. 5.1)."""
     return lr * max(0.0, 1.0 - step / steps)
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. Scoring: log pi(z|x) and log pi(y|x+z) from one forward, log-probs at z and y positions only
+# 2. Scoring: log pi(z|x) and log pi(y|x+z) from one forward, log-probs at z and y positions only ------------
 
 def _chunk_logprobs(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()                                                  # (M, V) upcast before softmax
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)   # (M,)
 
 class Scorer(torch.nn.Module):
-    """Wraps a causal LM: forward(input_ids, attention_mask, target_mask) -> (B, T-1) log-probs of the
-    tokens at target positions (token t+1 predicted from position t), zero elsewhere. The vocabulary
-    projection runs `chunk` positions at a time and is recomputed in backward, so the (M, V) fp32 logits
-    never exist all at once. Wrapping the LM in a module of our own lets FSDP2 hook this forward."""
+    """Wraps a causal LM (a module of our own, so FSDP2 hooks this forward): (B, T-1) log-probs of the tokens at
+    `target_mask` (token t+1 predicted from position t), zero elsewhere. The vocabulary projection runs `chunk`
+    positions at a time, recomputed in backward: the (M, V) fp32 logits never exist all at once."""
 
     def __init__(self, lm, chunk: int = 1024):
         super().__init__()
@@ -165,10 +162,9 @@ def build_batch(prompt: list, zs: list, ys: list, pad_id: int):
     return ids, attn.long(), z_mask, y_mask
 
 def answer_ids(tok, ex, z_ids: list, eot: str) -> list:
-    """Token ids of y after z, tokenised IN CONTEXT: encode(decode(z) + sep + y) and keep what follows z, so
-    that a SentencePiece model gets the "▁The" it would write there (encoding y alone can give an extra "▁" or
-    a "▁The" after a newline). sep is a space unless z ends in whitespace. When z's tokens and y's would merge
-    at the boundary, y is tokenised after a newline instead, which never merges."""
+    """Token ids of y after z, tokenised IN CONTEXT: encode(decode(z) + sep + y), keep what follows z, so a
+    SentencePiece model gets the "▁The" it would write there (y alone can give an extra "▁", or "▁The" after a
+    newline). sep: a space unless z ends in whitespace. If z's and y's tokens would merge, y follows a newline."""
     z_text = tok.decode(z_ids)
     y_text = ("" if not z_text or z_text[-1].isspace() else " ") + data.answer_text(ex) + eot
     enc = lambda text: tok.encode(text, add_special_tokens=False)
@@ -178,8 +174,7 @@ def answer_ids(tok, ex, z_ids: list, eot: str) -> list:
     anchor = enc("\n")
     return enc("\n" + y_text)[len(anchor):]
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. Sampling: z ~ pi(.|x) at temperature 1, cut at the end of turn or the first answer template (Sec. 4.3)
+# 3. Sampling: z ~ pi(.|x) at temperature 1, cut at the end of turn or the first answer template (Sec. 4.3) ---
 
 # The official stop list (trainer_config.stop_seqs), case-sensitive, matched on word boundaries in the text.
 TEMPLATE = re.compile(r"\b(?:Answer:|(?:So, |Therefore, )?[Tt]he answer is(?!\w)|so the final answer is(?!\w))")
@@ -199,10 +194,9 @@ def pick_token(logits: torch.Tensor, u) -> torch.Tensor:
     return torch.where(u < 0, logits.argmax(-1), drawn.clamp(max=logits.shape[-1] - 1))
 
 def template_cut(tok, ids: list, complete: bool = True):
-    """If the decoded text of `ids` holds an answer template, the index where z ends (before the token in which
-    the FIRST template starts); else None. A template at the very end of an unfinished text waits for one more
-    character ("The answer is" may still become "The answer isn't"), so stops do not depend on when they are
-    checked."""
+    """If the decoded text of `ids` holds an answer template, the index where z ends (before the token in which the
+    FIRST template starts); else None. A template at the end of an unfinished text waits for one more character
+    ("The answer is" may still become "The answer isn't"): stops do not depend on when they are checked."""
     text = tok.decode(ids)
     m = TEMPLATE.search(text)
     if m is None or (not complete and m.end() == len(text) and text[-1].isalnum()):
@@ -229,8 +223,7 @@ def rollout(engine, tok, exs, qidx, step, args):
     K = args.k
     return [(prompts[i * K], zs[i * K:(i + 1) * K], fin[i * K:(i + 1) * K]) for i in range(len(exs))]
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. One step on one rank: sample, score, update
+# 4. One step on one rank: sample, score, update -------------------------------------------------------------
 
 def score_and_backward(run, exs, rolls):
     """Fused scoring and backward, micro-batch by micro-batch; returns summed stats over this rank."""
@@ -268,17 +261,18 @@ def train_step(run, step: int) -> dict:
     """Sample, score, update: one LaTRO step. A step whose loss or gradient norm is not finite makes no update.
     A checkpoint asked for at the end of the previous step is written here, before this step's update: it is
     then known to be good (the state it holds gave this step a finite loss and gradient)."""
-    a, dev, opt, meter = run.args, run.device, run.opt, run.meter
+    a, dev, opt, gpu = run.args, run.device, run.opt, run.device.type == "cuda"
     for g in opt.param_groups:  # the schedule is a function of the step: nothing to restore on resume
         g["lr"] = lr_at(step, a.steps, a.lr)
     idx = global_questions(len(run.train), step, a.global_questions, a.seed)
     mine = list(range(run.rank, a.global_questions, run.world))   # positions in the step, strided by rank
     exs = [run.train[idx[q]] for q in mine]
-    meter.lap()
+    t = [time.time()]                                                # when each phase ends: its seconds are logged
+    torch.cuda.reset_peak_memory_stats(dev) if gpu else None         # and on a GPU, the step's peak memory
     rolls = rollout(run.engine, run.tok, exs, mine, step, a)        # phase 1: K rationales per question
-    meter.lap("sample")
+    t.append(time.time())
     sums = score_and_backward(run, exs, rolls)                       # phase 2: fused scoring, loss, backward
-    meter.lap("score")
+    t.append(time.time())
     # the global gradient norm is logged every step; with --grad-clip 0 (paper) the max norm is infinite
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
@@ -291,14 +285,15 @@ def train_step(run, step: int) -> dict:
         opt.step()
         refresh_replica(run.replica, run.model)
     opt.zero_grad(set_to_none=True)
-    meter.lap("update")
-    rec = {"step": step + 1, **tot, "grad_norm": norm, "lr": opt.param_groups[0]["lr"], **meter.record(),
-           "sample_tokens_per_s": tot["z_len"] * a.global_questions * a.k / meter.seconds["sample"] / run.world,
+    t.append(time.time())
+    secs = dict(zip(("t_sample", "t_score", "t_update"), (end - start for start, end in zip(t, t[1:]))))
+    rec = {"step": step + 1, **tot, "grad_norm": norm, "lr": opt.param_groups[0]["lr"], "seconds": t[-1] - t[0],
+           **secs, "sample_tokens_per_s": tot["z_len"] * a.global_questions * a.k / secs["t_sample"] / run.world,
            "decode_shapes": len(run.engine.states), "late_compiles": run.engine.late_compiles()}
+    rec |= {"peak_gb": torch.cuda.max_memory_allocated(dev) / 2**30} if gpu else {}
     return rec | ({} if finite else {"skipped": "non-finite loss or gradient norm: no update"})
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. The loop: validation, the best checkpoint, and main
+# 5. The loop: validation, the best checkpoint, and main -----------------------------------------------------
 
 @torch.no_grad()
 def validate(run) -> dict:
@@ -372,8 +367,7 @@ def main(argv=None):
 # without it; read on to see how sampling is made fast, how models load, and how a run survives.
 # ==========================================================================================================
 
-# ----------------------------------------------------------------------------------------------------------
-# 6. The engine: one decode step per token, compiled and captured once per shape
+# 6. The engine: one decode step per token, compiled and captured once per shape -----------------------------
 
 PROMPT_BUCKET = 64      # compiled / captured, prompt lengths are padded to a multiple of this (a few shapes a run)
 ROW_BUCKET = 8          # ... and rows to a multiple of this
@@ -396,9 +390,8 @@ class KVCache:
         return self.k[layer_idx], self.v[layer_idx]
 
 class RotaryTable(torch.nn.Module):
-    """A model's rotary embedding as a table indexed by position (as gpt-fast does): the same values, computed
-    once, and no data-dependent control flow (Phi-3's longrope) inside a captured decode step. Gemma-3 rotates
-    each layer type (sliding, full) with its own frequencies: one table per type."""
+    """A model's rotary embedding as a table indexed by position (as gpt-fast does): the same values, and no data-
+    dependent control flow (Phi-3's longrope) in a captured step. Gemma-3: a table per layer type (sliding, full)."""
 
     def __init__(self, rotary, length: int, dtype, device):
         super().__init__()
@@ -411,11 +404,10 @@ class RotaryTable(torch.nn.Module):
         return cos[position_ids], sin[position_ids]
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """The engine's attention (registered with transformers as "latro"). One new token per row reads the KV
-    cache once: its H query heads are folded onto the Hkv cache heads as (B, Hkv, H/Hkv, D), so grouped-query
-    models (Llama-3-8B: 32 / 8) never copy K or V per query head, as transformers' SDPA path does (`repeat_kv`)
-    under torch.compile or with a mask on CUDA. Products in the compute dtype (fp32 accumulation inside the
-    matmul), the softmax in fp32. Prompts (T > 1) go to SDPA."""
+    """The engine's attention (registered with transformers as "latro"). One new token per row reads the KV cache
+    once: its H query heads fold onto the Hkv cache heads as (B, Hkv, H/Hkv, D), so grouped-query models (Llama-3-8B:
+    32 / 8) never copy K or V per query head, as transformers' SDPA path does (`repeat_kv`) under torch.compile or
+    with a mask on CUDA. Products in the compute dtype, the softmax in fp32. Prompts (T > 1) go to SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     B, H, T, D = query.shape
     if T > 1:
@@ -428,12 +420,11 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, **
     return out.reshape(B, 1, H, D), None                                  # (B, T, H, D), as HF expects
 
 class Engine:
-    """The sampler: a plain model (in training, the bf16 replica of the policy, refreshed in place), a KV buffer
-    sized once, and one decode state per bucketed shape (rows, prompt length, L). A decode step is one function
-    of device tensors: the forward over the newest token, the token pick at the row's uniform, and the mask /
-    position / cache-column updates; on a GPU it is compiled and captured once per shape as a CUDA graph, then
-    replayed for every token. `prepare` does that for every shape of a run before its first step. Only the stop
-    check runs on the host, every STOP_CHECK_EVERY tokens."""
+    """The sampler: a plain model (in training, the bf16 replica of the policy, refreshed in place), a KV buffer sized
+    once, and one decode state per bucketed shape (rows, prompt length, L). A decode step is one function of device
+    tensors (the forward over the newest token, the token pick at the row's uniform, the mask / position / cache
+    column updates), on a GPU compiled and captured once per shape as a CUDA graph (`prepare`: every shape of a run,
+    before step 1), then replayed for every token. Only the stop check, every STOP_CHECK_EVERY tokens, is on host."""
 
     def __init__(self, lm, stop_ids, compile=False, graphs=False):
         from transformers import AttentionInterface
@@ -503,22 +494,19 @@ class Engine:
             try:
                 self._warm_up(st)
             except Exception as e:   # Inductor, Triton, CUDA, a model's own code: many types, one line
-                raise SystemExit(self._failure(e, B, P, L)) from None
+                what = f"the sampler's decode step failed to {self.phase} for {B} rows x ({P} + {L}) tokens " \
+                       f"({type(e).__name__}: {first_line(e)})"   # compiling or capturing: eager may still work
+                raise SystemExit(f"{what}; {'--cuda-graphs' if self.phase == 'capture' else '--compile'} off turns "
+                                 f"that part off" if self.phase != "run" else f"{what}: the engine cannot drive this "
+                                 f"{self.lm.config.model_type!r} model; it needs a decoder whose attention takes "
+                                 f"transformers' attention and cache interfaces (Llama, Qwen, Mistral, Phi, ...)"
+                                 ) from None
             self.states[B, P, L] = st
         return self.states[B, P, L]
 
-    def _failure(self, e: Exception, B: int, P: int, L: int) -> str:
-        what = f"the sampler's decode step failed to {self.phase} for {B} rows x ({P} + {L}) tokens " \
-               f"({type(e).__name__}: {first_line(e)})"
-        if self.phase != "run":   # compiling or capturing failed: the eager step may still work
-            return f"{what}; {'--cuda-graphs off' if self.phase == 'capture' else '--compile off'} turns that part off"
-        return f"{what}: the engine cannot drive this {self.lm.config.model_type!r} model; it needs a decoder " \
-               f"whose attention takes transformers' attention and cache interfaces (Llama, Qwen, Mistral, Phi, ...)"
-
     def _warm_up(self, st):
-        """Run the decode step before use (compiling it), then capture it as a CUDA graph. Each warm-up step
-        starts at token 0, so it reads u[:, 0] and writes out[:, 0] whatever L is (`generate` rewrites the whole
-        state and the cache). Eager runs one warm-up step: the same bookkeeping, checked by the tests."""
+        """Run the decode step before use (compiling it), then capture it as a CUDA graph. Each warm-up step starts
+        at token 0 (u[:, 0], out[:, 0]: within any L; `generate` rewrites it all). Eager runs one, for the tests."""
         st.cache.index, side = st.col, torch.cuda.Stream() if self.graphs else None
         self.phase = "compile" if self.compiled else "run"
         for _ in range(2 if self.compiled or self.graphs else 1):
@@ -572,10 +560,9 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list, max_new: int, uniforms=None, tok=None):
-        """Decode from each prompt (token-id lists) until a stop token, the answer template (when `tok` is
-        given) or `max_new` tokens. uniforms (B, max_new) sample at T=1; None is greedy. Tokens drawn after a
-        row's stop are discarded, so the result does not depend on how often stops are checked. Returns
-        (generated id lists without the stop token or template, finished flags)."""
+        """Decode each prompt (token-id lists) until a stop token, the answer template (when `tok` is given) or
+        `max_new` tokens; uniforms (B, max_new) sample at T=1, None is greedy. Tokens drawn after a row's stop are
+        dropped (stop checks may come late). Returns (ids without the stop token or template, finished flags)."""
         B0 = len(prompts)
         B, P, L = self.shape(B0, max(len(p) for p in prompts), max_new)
         if P + L > self.max_len:
@@ -621,8 +608,7 @@ def refresh_replica(replica, model):
             module.reshard()
     assert done == set(dst), f"replica parameters not refreshed: {sorted(set(dst) - done)[:3]}"
 
-# ----------------------------------------------------------------------------------------------------------
-# 7. Models: paths, tokenizers, and loading on rank 0 alone (the other ranks receive their part)
+# 7. Models: paths, tokenizers, and loading on rank 0 alone (the other ranks receive their part) -------------
 
 def model_path(name: str) -> str:
     """A local model folder (with a model's config.json) or a hub id; a run folder points to its models."""
@@ -709,14 +695,6 @@ def check_lengths(tok, examples: list, lengths: list, max_new: int, limit: int, 
                          f"positions, more than the model's {limit} ({len(bad)} of {len(examples)} rows are too "
                          f"long): lower --max-new-tokens or remove the rows")
 
-def decoder_layers(lm) -> torch.nn.ModuleList:
-    """The decoder's blocks, FSDP2's unit: `.layers` (Llama, Qwen, Mistral, Phi, Gemma), `.h` (GPT-2)."""
-    blocks = [getattr(lm.get_decoder(), n, None) for n in ("layers", "h")]
-    if not (found := [b for b in blocks if isinstance(b, torch.nn.ModuleList)]):
-        raise SystemExit(f"--model {lm.config.name_or_path!r}: a {lm.config.model_type!r} model has no decoder blocks "
-                         f"that latro.py can shard (a decoder's .layers or .h)")
-    return found[0]
-
 def meta_model(cfg, dtype):
     """The model's modules on the meta device (no memory), sdpa attention, dropout off (deterministic)."""
     from transformers import AutoModelForCausalLM
@@ -778,22 +756,7 @@ def load_plain(cfg, full, dtype, device):
         dist.broadcast(t.data, src=0) if dist.is_initialized() and dist.get_world_size() > 1 else None
     return lm.requires_grad_(False)
 
-@torch.no_grad()
-def load_sharded(model, full, device, param_device):
-    """The FSDP2 policy (built on the meta device, then sharded) gets rank 0's tensors, each rank its shard;
-    parameters on `param_device` (the host with --parallel offload), buffers on `device`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    model.to_empty(device=param_device)
-    for m in model.modules():
-        m._buffers.update({k: b.to(device) for k, b in m._buffers.items() if b is not None})
-    sd = {} if full is None else {"lm." + k: v for k, v in full.items() if "lm." + k in model.state_dict()}
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, b in model.named_buffers():   # buffers no state dict holds (rotary inv_freq): broadcast them too
-        b.copy_(full[name[3:]]) if full is not None else None
-        dist.broadcast(b, src=0) if dist.get_world_size() > 1 else None
-
-# ----------------------------------------------------------------------------------------------------------
-# 8. Distributed: the torchrun idiom, FSDP2, collectives, the data order, and what each step measures
+# 8. Distributed: the torchrun idiom, the layout rule, FSDP2, collectives, the data order --------------------
 
 def setup_distributed(device_flag=None):
     """The torchrun idiom: RANK / WORLD_SIZE / LOCAL_RANK from the environment, nccl on GPUs and gloo on CPU,
@@ -813,7 +776,12 @@ def setup_distributed(device_flag=None):
             f"--nproc_per_node)" if n else "no GPU is visible to this process"))
     backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"   # gloo too: offload's gradient norm is on the host
     if not dist.is_initialized() and "RANK" in os.environ:
-        exit_with_agent()
+        # a worker whose torchrun agent died would run on, or hang, unsupervised: the kernel sends it SIGUSR1 when
+        # its parent goes (prctl 1 = PR_SET_PDEATHSIG; Linux only). latro.py then stops as on SIGTERM (a
+        # checkpoint), and for sure after 60 s; eval.py, whose rows are on disk, just exits
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGUSR1))
+        os.kill(os.getpid(), signal.SIGUSR1) if os.getppid() == 1 else None      # the agent died before that
         try:
             dist.init_process_group(backend, timeout=timedelta(minutes=30))   # a slow start-up: loading, compiling
         except (ValueError, RuntimeError) as e:   # RANK set by hand or by a scheduler, without the rest
@@ -823,17 +791,6 @@ def setup_distributed(device_flag=None):
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     torch.cuda.set_device(device) if device.type == "cuda" else None
     return dist.get_rank(), dist.get_world_size(), device
-
-def exit_with_agent():
-    """A torchrun worker whose agent died would run on, or hang, unsupervised: the kernel sends it SIGUSR1 when
-    its parent goes (prctl PR_SET_PDEATHSIG). latro.py then stops as on SIGTERM (a checkpoint), and for sure
-    after 60 s; eval.py, whose rows are on disk, just exits."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGUSR1))   # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return                                                                   # not Linux: no such watch
-    os.kill(os.getpid(), signal.SIGUSR1) if os.getppid() == 1 else None          # the agent died before that
 
 def close_distributed():
     """All ranks leave together: a rank that tears its group down while another still works can abort (gloo)."""
@@ -850,11 +807,10 @@ def first_line(e: BaseException) -> str:
 
 def exit_cleanly(main, smaller: str, interrupted=lambda: ""):
     """Run a script's `main` and end the process with its status: 0, a signal's (130, 143), or 1 after an error's
-    one line; memory running out is one line too, naming the flags that make the work `smaller`, and so are a
-    Ctrl-C that the script's own handlers did not turn into a clean stop (during loading; a second one), after
-    `interrupted()` tidied up, and a collective broken by another rank's failure (whose line says why). Under
-    torchrun, skip the interpreter's teardown, in which gloo's worker threads can abort a process that finished
-    or failed cleanly (SIGABRT, "terminate called without an active exception")."""
+    one line. One line too: memory running out (naming the flags that make the work `smaller`), a Ctrl-C that the
+    script's own handlers did not turn into a clean stop (loading; a second one) after `interrupted()` tidied up,
+    and a collective broken by another rank's failure (whose line says why). Under torchrun, skip the teardown, in
+    which gloo's threads can abort a finished process (SIGABRT, "terminate called without an active exception")."""
     try:
         main()
         code = 0
@@ -887,20 +843,19 @@ AUTO_OFFLOAD_SHARE = 0.6   # --parallel auto: one GPU holds its training state o
 
 def auto_layout(n_params: int, world: int, device, compute_dtype) -> str:
     """--parallel auto, a rule to check by hand. Several processes: shard. One process on a GPU: offload when the
-    fp32 training state (weights, gradients, AdamW m and v: 16 bytes per parameter) plus the two compute-dtype
-    copies (the reference and the sampler) would take more than AUTO_OFFLOAD_SHARE of the GPU's memory (the
-    rest is for the KV cache, activations and the allocator), else replicate. A CPU: replicate."""
+    fp32 training state (weights, gradients, AdamW m and v: 16 bytes per parameter) plus two compute-dtype copies
+    (reference, sampler) exceed AUTO_OFFLOAD_SHARE of its memory (the rest: KV cache, activations), else replicate."""
     if world > 1:
         return "shard"
-    if device.type != "cuda":
+    if device.type != "cuda":   # a CPU
         return "replicate"
-    need = n_params * (16 + 2 * compute_dtype.itemsize)                   # bytes
-    return "offload" if need > AUTO_OFFLOAD_SHARE * torch.cuda.get_device_properties(device).total_memory else "replicate"
+    need, gpu = n_params * (16 + 2 * compute_dtype.itemsize), torch.cuda.get_device_properties(device).total_memory
+    return "offload" if need > AUTO_OFFLOAD_SHARE * gpu else "replicate"
 
 def wrap(scorer, mode: str, device, compute_dtype, world: int):
     """FSDP2 in every mode, so that the policy computes with compute-dtype parameters cast from fp32 master
     weights in exactly the same way everywhere (the reference is a compute-dtype model: at step 0 the KL is 0).
-    Per decoder layer + root; gradients reduced in fp32."""
+    Per decoder block (a decoder's `.layers`, or GPT-2's `.h`) + root; gradients reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
@@ -908,7 +863,11 @@ def wrap(scorer, mode: str, device, compute_dtype, world: int):
         kw["mesh"] = init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
     if mode == "offload":     # sharded, and fp32 master weights, gradients and AdamW live on the host
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-    for layer in decoder_layers(scorer.lm):
+    blocks = [getattr(scorer.lm.get_decoder(), n, None) for n in ("layers", "h")]   # Llama, Qwen, ...; GPT-2
+    if not (found := [b for b in blocks if isinstance(b, torch.nn.ModuleList)]):
+        raise SystemExit(f"--model {scorer.lm.config.name_or_path!r}: a {scorer.lm.config.model_type!r} model has no "
+                         f"decoder blocks that latro.py can shard (a decoder's .layers or .h)")
+    for layer in found[0]:
         fully_shard(layer, **kw)
     return fully_shard(scorer, **kw)
 
@@ -937,29 +896,7 @@ def global_questions(n_train: int, step: int, n: int, seed: int) -> list:
     of (seed, step) alone, so a resumed run reads the same questions without saving a data position."""
     return [epoch_order(n_train, seed, pos // n_train)[pos % n_train] for pos in range(step * n, (step + 1) * n)]
 
-class Meter:
-    """Seconds of each phase of a step (lap() starts a step, lap(phase) ends a phase) and, on a GPU, the step's
-    peak of allocated memory."""
-
-    def __init__(self, device):
-        self.device, self.seconds, self.t = device, {}, time.time()
-
-    def lap(self, phase: str = None):
-        now = time.time()
-        if phase:
-            self.seconds[phase] = now - self.t
-        else:
-            self.seconds = {}
-            torch.cuda.reset_peak_memory_stats(self.device) if self.device.type == "cuda" else None
-        self.t = now
-
-    def record(self) -> dict:
-        gpu = self.device.type == "cuda"
-        return {"seconds": sum(self.seconds.values()), **{f"t_{k}": v for k, v in self.seconds.items()},
-                **({"peak_gb": torch.cuda.max_memory_allocated(self.device) / 2**30} if gpu else {})}
-
-# ----------------------------------------------------------------------------------------------------------
-# 9. Flags: the method, the run, the systems
+# 9. Flags: the method, the run, the systems -----------------------------------------------------------------
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """--help appends "(default: X)", except where there is none to show (None: the help text says what happens)."""
@@ -1066,8 +1003,7 @@ def resolve_defaults(args, task: str, world: int, n_train: int, n_val: int):
         args.steps = max(1, round(PAPER_STEPS[task] * PAPER_ROLLOUTS_PER_STEP / (args.global_questions * args.k)))
     return args
 
-# ----------------------------------------------------------------------------------------------------------
-# 10. The run folder: one owner, checksummed folders swapped in whole (a kill at any instant), resume, signals
+# 10. The run folder: one owner, checksummed folders swapped in whole (a kill at any instant), resume, signals ---
 
 RESUME_KEYS = ("model", "dataset", "k", "beta", "max_new_tokens", "penalty", "sft_weight", "lr", "weight_decay",
                "global_questions", "steps", "seed", "val_size", "grad_clip", "dtype",
@@ -1081,10 +1017,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "ch
 LOCKS = []   # this process's lock files: the kernel releases a lock when its holder dies
 
 def claim_run_folder(args, master: bool):
-    """A run folder belongs to one run: locked (flock) for the run's life, so that a second run on it, in any
-    mode, is refused with the holder's pid and host; and refused if it holds a run, unless --resume/--overwrite.
-    What is not the run's is never deleted or written over: a model's own folder is refused as --out, and so is
-    an --overwrite that would delete the --model being loaded (OUT/best as --model with that OUT)."""
+    """A run folder belongs to one run: locked (flock) for the run's life (a second run on it, in any mode, is refused
+    with the holder's pid and host), and refused if it holds a run, unless --resume/--overwrite. Nothing that is not
+    the run's is deleted or written over: not a model's folder as --out, nor the --model (OUT/best) of --overwrite."""
     model = os.path.realpath(os.path.expanduser(args.model))
     doomed = [os.path.realpath(os.path.join(args.out, f)) for f in RUN_FILES if args.overwrite]
     inside = next((d for d in doomed if os.path.commonpath([d, model]) == d), None)   # the run file holding --model
@@ -1159,10 +1094,9 @@ def settle(path: str):
     remove(path + ".tmp")
 
 def write_folder(path: str, parts: list, need_gb: float, what: str, master: bool, keep_prev: bool = False):
-    """Write `path` as `path.tmp` plus its manifest, then swap it in: the old copy becomes `path.old` (kept or
-    deleted), so a whole copy exists under one of the three names at every instant. Each part (tmp, write) runs
-    on EVERY rank, one after the other (it may gather full tensors: a collective), and writes on rank 0. A
-    failed write removes the partial copy, names the path and the space it needed, and stops every rank."""
+    """Write `path.tmp` and its manifest, then swap it in (the old copy becomes `path.old`, kept or deleted): a whole
+    copy exists under one of the names at every instant. Each part (tmp, write) runs on EVERY rank (it may gather:
+    a collective), writing on rank 0. A failed write removes the partial copy, says why, and stops every rank."""
     tmp, error = path + ".tmp", None
     if master:
         settle(path)
@@ -1204,9 +1138,8 @@ def save_model_part(run, subdir: str = ""):
     return part
 
 def save_checkpoint(run, step: int, confirmed: bool):
-    """OUT/checkpoint: model/ (save_pretrained, fp32 master weights), state.pt (full AdamW state, RNGs) and
-    resume.json (step, best, the flags that must match, whether the next step confirmed it good): it loads at
-    any world size and in plain transformers. The previous one stays as checkpoint.old (a fallback)."""
+    """OUT/checkpoint: model/ (save_pretrained, fp32), state.pt (full AdamW state, RNGs), resume.json (step, best, the
+    flags that must match, confirmed good?): it loads at any world size. The previous one stays as checkpoint.old."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     state = {"step": step, "confirmed": confirmed, "best": run.best, "n_params": run.n_params,
              "config": {k: run.config[k] for k in RESUME_KEYS}}
@@ -1225,8 +1158,7 @@ def save_checkpoint(run, step: int, confirmed: bool):
 def save_best(run, record: dict):
     """The policy alone, in `save_pretrained` form, with the evaluation record that chose it in best.json."""
     write_folder(os.path.join(run.args.out, "best"), [save_model_part(run), lambda tmp, write: write and json.dump(
-        record, open(os.path.join(tmp, "best.json"), "w"))], 4 * run.n_params / 2**30 * 1.05, "the best model",
-                 run.master)
+        record, open(os.path.join(tmp, "best.json"), "w"))], 4 * run.n_params / 2**30 * 1.05, "the best model", run.master)
 
 def read_resume(folder: str, args) -> dict:
     """resume.json of a checkpoint, checked for sense; raises ValueError saying what is wrong."""
@@ -1265,9 +1197,8 @@ def find_checkpoint(args):
     return folder, state
 
 def stop_diverged(run, first_bad: int, last: dict):
-    """Steps first_bad.. were skipped as non-finite: the update of step first_bad-1 left weights that are finite
-    but unusable, so the last good state is step first_bad-2. checkpoint/ is rolled back to the newest copy no
-    later than that, and every rank stops with one line."""
+    """Steps first_bad.. were skipped as non-finite: step first_bad-1's update left finite but unusable weights, so
+    the last good state is step first_bad-2; checkpoint/ rolls back to no later than that; every rank stops."""
     good, base, message = first_bad - 2, os.path.join(run.args.out, "checkpoint"), None
     if run.master:
         for folder in filter(os.path.isdir, (base, base + ".old")):   # drop every checkpoint after the last good
@@ -1295,10 +1226,9 @@ def log(run, rec: dict, line: str):
                                      f"checkpoint is kept"
 
 class StopSignals:
-    """SIGINT and SIGTERM end the current step cleanly: the loop asks at each step boundary, where all ranks
-    agree (none is left waiting in a collective). SIGTERM, which clusters send before preemption, writes a
-    checkpoint first; so does SIGUSR1 (the torchrun agent died: see exit_with_agent), which also ends the
-    process 60 s later whatever happens. A second Ctrl-C, later than 2 s after the first, stops at once."""
+    """SIGINT and SIGTERM end the step cleanly: the loop asks at step boundaries, where all ranks agree. SIGTERM (a
+    cluster's preemption) writes a checkpoint first; so does SIGUSR1 (the torchrun agent died: see setup_distributed),
+    which also ends the process 60 s later whatever happens. A second Ctrl-C, 2 s after the first, stops at once."""
 
     def __init__(self):
         self.received, self.at = 0, 0.0
@@ -1332,13 +1262,11 @@ def summary(run, done: int, why: str):
     print0(f"checkpoint: {os.path.join(a.out, 'checkpoint')} (step {saved}" + ("; continue with --resume)" if saved <
            a.steps else ")") if saved else "checkpoint: none written (SIGTERM, --save-every or the last step write one)")
 
-# ----------------------------------------------------------------------------------------------------------
-# 11. Setup: data, the run folder, models, the engine, resume
+# 11. Setup: data, the run folder, models, the engine, resume ------------------------------------------------
 
 def setup(args):
-    """Everything before the first step: data (every row checked), the layout, the run folder, the resolved setup
-    printed, then models, the engine, AdamW, resume state and the held-out rollouts. None when a resumed run has
-    already finished."""
+    """Everything before the first step: data (every row checked), the layout, the run folder, the setup printed,
+    then models, the engine, AdamW, resume state, held-out rollouts. None when a resumed run has already finished."""
     quiet_transformers()
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed), random.seed(args.seed)
@@ -1364,10 +1292,9 @@ def setup(args):
     if args.parallel == "auto":
         args.parallel = auto_layout(n_params, world, device, dtype)
     run = SimpleNamespace(args=args, rank=rank, world=world, device=device, master=rank == 0, tok=tok, train=train,
-                          val=val, n_params=n_params, start=0, best=None, saved=None, pending_save=False,
-                          error=None, eot=data.end_of_turn(tok), meter=Meter(device), dtype=dtype, cfg=cfg,
-                          lengths={e.where: n for e, n in zip(train + val, lengths)},
-                          metrics=os.path.join(args.out, "metrics.jsonl"))
+                          val=val, n_params=n_params, start=0, best=None, saved=None, pending_save=False, error=None,
+                          eot=data.end_of_turn(tok), dtype=dtype, cfg=cfg, metrics=os.path.join(args.out, "metrics.jsonl"),
+                          lengths={e.where: n for e, n in zip(train + val, lengths)})
     claim_run_folder(args, run.master)
     box = [find_checkpoint(args) if args.resume and run.master else (None, None)]
     dist.broadcast_object_list(box, src=0)                          # rank 0 verified it; every rank reads it
@@ -1376,7 +1303,14 @@ def setup(args):
         print0(f"the run in {args.out} has finished all {args.steps} steps (checkpoint at step {resume['step']}); "
                f"nothing to do")
         return None
-    describe(run, resume["step"] if resume else 0)                  # first: loading and sampling take a while
+    a, start = args, resume["step"] if resume else 0   # the resolved setup first: loading and sampling take a while
+    run.config = dict(vars(a), world=world, task=train[0].task, n_params=n_params, n_train=len(train), n_val=len(val))
+    print0(f"latro: {a.model} ({n_params / 1e6:.1f} M parameters) on {a.dataset} ({len(train)} train, {len(val)} "
+           f"validation) | {world} x {device.type}, {a.dtype}, --parallel {a.parallel}\n  method: K {a.k}, beta "
+           f"{a.beta}, L {a.max_new_tokens}, gamma {a.penalty}, w_sft {a.sft_weight}, lr {a.lr} -> 0, "
+           f"{a.global_questions} questions per step, {a.steps} steps\n  run: {a.out} (config.json: every flag), "
+           f"validation every {a.eval_every or 'never'}, checkpoint every {a.save_every or 'end'}"
+           + (f", from step {start}" if start else ""))
     build(run, ckpt)
     restore(run, ckpt, resume) if resume else None
     if run.master and not run.start:   # config.json: every flag, resolved; a resumed run keeps its own
@@ -1387,14 +1321,23 @@ def build(run, ckpt):
     """The policy (FSDP2, fp32 master weights), the frozen reference and the sampler's replica (compute dtype),
     the engine with every decode shape compiled, AdamW, and the held-out rollouts. Rank 0 alone reads each
     model and the others receive their part: host memory holds one whole copy per node, not one per rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     a, dev = run.args, run.device
     full = read_on_rank0(os.path.join(ckpt, "model") if ckpt else a.model, run.master, verified=ckpt is not None)
     lm = meta_model(run.cfg, torch.float32)   # the policy keeps fp32 master weights: lr 5e-7 vanishes in bf16
     if a.grad_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     run.model = wrap(Scorer(lm, LOGPROB_CHUNK), a.parallel, dev, run.dtype, run.world)
-    load_sharded(run.model, full, dev, torch.device("cpu") if a.parallel == "offload" else dev)
-    with torch.no_grad():  # FSDP2 picks its root on the first forward: make it go through the root
+    with torch.no_grad():   # each rank gets its shards of rank 0's tensors; parameters on the host with offload
+        run.model.to_empty(device=torch.device("cpu") if a.parallel == "offload" else dev)
+        for m in run.model.modules():
+            m._buffers.update({k: b.to(dev) for k, b in m._buffers.items() if b is not None})
+        sd = {} if full is None else {"lm." + k: v for k, v in full.items() if "lm." + k in run.model.state_dict()}
+        set_model_state_dict(run.model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name, b in run.model.named_buffers():   # buffers no state dict holds (rotary inv_freq): broadcast them
+            b.copy_(full[name[3:]]) if full is not None else None
+            dist.broadcast(b, src=0) if run.world > 1 else None
+        # FSDP2 picks its root on the first forward: make it go through the root
         one = torch.ones(1, 2, dtype=torch.long, device=dev)
         run.model(one, one, one.bool())
     run.model.reshard()    # the root keeps its parameters whole after a forward: AdamW must get the shards
@@ -1444,18 +1387,6 @@ def restore(run, ckpt: str, resume: dict):
                 print0(f"--resume: dropping the unreadable line {n} of {run.metrics} (a write cut short)")
         write_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))   # a kill here keeps the old file
     print0(f"resumed from {ckpt} at step {run.start}")
-
-def describe(run, start: int):
-    """The resolved setup, once, in a few lines, before anything loads; run.config: what config.json holds."""
-    a = run.args
-    run.config = dict(vars(a), world=run.world, task=run.train[0].task, n_params=run.n_params,
-                      n_train=len(run.train), n_val=len(run.val))
-    print0(f"latro: {a.model} ({run.n_params / 1e6:.1f} M parameters) on {a.dataset} ({len(run.train)} train, "
-           f"{len(run.val)} validation) | {run.world} x {run.device.type}, {a.dtype}, --parallel {a.parallel}\n"
-           f"  method: K {a.k}, beta {a.beta}, L {a.max_new_tokens}, gamma {a.penalty}, w_sft {a.sft_weight}, "
-           f"lr {a.lr} -> 0, {a.global_questions} questions per step, {a.steps} steps\n  run: {a.out} (config.json: "
-           f"every flag), validation every {a.eval_every or 'never'}, checkpoint every {a.save_every or 'end'}"
-           + (f", from step {start}" if start else ""))
 
 def interrupted() -> str:
     """latro.py stopped at once (a second Ctrl-C, or one during loading): no folder is left half swapped."""

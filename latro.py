@@ -1323,11 +1323,11 @@ def build(run, ckpt):
     model and the others receive their part: host memory holds one whole copy per node, not one per rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     a, dev = run.args, run.device
-    full = read_on_rank0(os.path.join(ckpt, "model") if ckpt else a.model, run.master, verified=ckpt is not None)
     lm = meta_model(run.cfg, torch.float32)   # the policy keeps fp32 master weights: lr 5e-7 vanishes in bf16
     if a.grad_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    run.model = wrap(Scorer(lm, LOGPROB_CHUNK), a.parallel, dev, run.dtype, run.world)
+    run.model = wrap(Scorer(lm, LOGPROB_CHUNK), a.parallel, dev, run.dtype, run.world)   # before any weights load
+    full = read_on_rank0(os.path.join(ckpt, "model") if ckpt else a.model, run.master, verified=ckpt is not None)
     with torch.no_grad():   # each rank gets its shards of rank 0's tensors; parameters on the host with offload
         run.model.to_empty(device=torch.device("cpu") if a.parallel == "offload" else dev)
         for m in run.model.modules():

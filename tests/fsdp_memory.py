@@ -37,13 +37,12 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import latro  # noqa: E402
+from bench import CONFIGS  # noqa: E402
 
 GB = 2**30
 MODELS = {   # LlamaConfig fields of each model's shape (Phi-3.5's fused qkv and gate_up hold the same parameters)
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256),
-    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=32768),
+    "llama-3.1-8b": CONFIGS["8b"],
+    "mistral-7b": dict(CONFIGS["8b"], vocab_size=32768),   # Llama-3.1-8B's shape with Mistral's vocabulary
     "phi-3.5-mini": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32064),
 }

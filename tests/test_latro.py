@@ -422,10 +422,9 @@ def test_same_seed_same_rationales_and_loss(tiny_tok):
 
 # ---------------------------------------------------------------- the layout rule (--parallel auto)
 
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-PHI35 = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-             num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False)
+from fsdp_memory import MODELS  # noqa: E402  (the shapes the README's memory table names)
+
+LLAMA_8B, PHI35 = (dict(MODELS[m], tie_word_embeddings=False) for m in ("llama-3.1-8b", "phi-3.5-mini"))
 
 
 def test_auto_layout_is_the_rule_in_the_help(monkeypatch):

@@ -778,10 +778,10 @@ def setup_distributed(device_flag=None):
     if not dist.is_initialized() and "RANK" in os.environ:
         # a worker whose torchrun agent died would run on, or hang, unsupervised: the kernel sends it SIGUSR1 when
         # its parent goes (prctl 1 = PR_SET_PDEATHSIG; Linux only). latro.py then stops as on SIGTERM (a
-        # checkpoint), and for sure after 60 s; eval.py, whose rows are on disk, just exits
+        # checkpoint), and for sure after 60 s; eval.py, whose rows are on disk, just exits. (A parent pid of 1
+        # is no sign of a dead agent: in a container, torchrun itself is often pid 1.)
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGUSR1))
-        os.kill(os.getpid(), signal.SIGUSR1) if os.getppid() == 1 else None      # the agent died before that
         try:
             dist.init_process_group(backend, timeout=timedelta(minutes=30))   # a slow start-up: loading, compiling
         except (ValueError, RuntimeError) as e:   # RANK set by hand or by a scheduler, without the rest

@@ -573,3 +573,19 @@ def test_a_gpu_that_is_not_there_is_named(monkeypatch):
     with pytest.raises(SystemExit, match=r"--device 'cuda': no GPU is visible to this process"):
         latro.setup_distributed("cuda")
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.slow
+def test_torchrun_as_pid_1_is_not_a_dead_agent(tmp_path, tiny_dir, toy_data):
+    """In a container whose entrypoint is torchrun, the agent is pid 1, so the workers' parent pid is 1: that must
+    not read as a dead agent (a run that checkpoints and stops after one step). Run here in a new pid namespace."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-fp", "--mount-proc", "true"]).returncode:
+        pytest.skip("unshare (a new pid namespace) is not available here")
+    out = tmp_path / "pid1"
+    args = ["--model", tiny_dir, "--dataset", toy_data, "--out", str(out), "--k", "3", "--max-new-tokens", "12",
+            "--steps", "3", "--val-size", "4", "--eval-every", "0", "--heldout-questions", "0", "--questions-per-rank", "2"]
+    p = subprocess.run(["unshare", "-fp", "--mount-proc", sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=1", os.path.join(ROOT, "latro.py"), *args], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=3600)
+    assert p.returncode == 0 and "agent is gone" not in p.stderr, p.stderr[-2000:]
+    assert "done: 3 of 3 steps" in p.stdout

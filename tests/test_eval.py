@@ -48,6 +48,7 @@ def test_batch_size_does_not_change_outputs(tiny_dir, toy_sets, tmp_path):
     assert outs[0] == outs[1] and len(outs[0]) == 10
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_batch_size_does_not_change_outputs_smollm(smollm_dir, shared_data, tmp_path):
     outs = []
@@ -177,6 +178,7 @@ def test_wilson_and_paired_by_hand():
         ev.paired(new[:19], base, "gsm8k")
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_an_interrupted_evaluation_continues(tiny_dir, tmp_path, sig):

@@ -711,9 +711,8 @@ def meta_model(cfg, dtype):
     return lm.eval()
 
 def read_weights(name: str, verified: bool = False) -> dict:
-    """Every tensor (parameters and buffers, fp32, host memory) of the model at `name`, checked finite; a copy
-    latro.py wrote (best/, checkpoint/model) is first checked against its manifest, unless already `verified`
-    (a checkpoint on --resume: find_checkpoint hashed every file of it a moment ago)."""
+    """Every tensor (parameters, buffers; fp32, host memory) of the model at `name`, checked finite; a copy latro.py
+    wrote (best/, checkpoint/model) is checked against its manifest first, unless `verified` (by find_checkpoint)."""
     from transformers import AutoModelForCausalLM
     parent = os.path.dirname(os.path.normpath(path := model_path(name)))
     for marker, folder, only in [] if verified else [("best.json", path, ""), ("resume.json", parent, "model/")]:
@@ -928,7 +927,6 @@ def number(kind, low, strict=False, high=None):
         return value
     return parse
 
-
 POSITIVE, COUNT, RATE, WEIGHT = number(int, 1), number(int, 0), number(float, 0, strict=True), number(float, 0)
 SEED = number(int, 0, high=2**32 - 1)
 MAX_BAD_STEPS = 3        # non-finite steps in a row (each skipped: no update) before a run stops
@@ -1129,11 +1127,14 @@ def save_model_part(run, subdir: str = ""):
     local = lambda p: p.to_local() if hasattr(p, "to_local") else p
     if all_sum([sum(int(not torch.isfinite(local(p)).all()) for p in run.model.parameters())], run.device)[0]:
         raise SystemExit("not writing a checkpoint: the weights are not finite; the last good copy is kept")
+    # a tied weight (GPT-2's lm_head = wte) is written once, as save_pretrained does, in every layout
+    tied = {n for n, _ in run.model.lm.named_parameters(remove_duplicate=False)} - dict(run.model.lm.named_parameters()).keys()
 
     def part(tmp, write):
         sd = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if write:
-            run.model.lm.save_pretrained(os.path.join(tmp, subdir), state_dict={k[3:]: v for k, v in sd.items()})
+            run.model.lm.save_pretrained(os.path.join(tmp, subdir), state_dict={k[3:]: v for k, v in sd.items()
+                                                                                if k[3:] not in tied})
             run.tok.save_pretrained(os.path.join(tmp, subdir))
     return part
 

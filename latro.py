@@ -1004,10 +1004,9 @@ def resolve_defaults(args, task: str, world: int, n_train: int, n_val: int):
 # 10. The run folder: one owner, checksummed folders swapped in whole (a kill at any instant), resume, signals ---
 
 RESUME_KEYS = ("model", "dataset", "k", "beta", "max_new_tokens", "penalty", "sft_weight", "lr", "weight_decay",
-               "global_questions", "steps", "seed", "val_size", "grad_clip", "dtype",
-               "data_digest")   # must match on --resume; the digest of the rows: a file edited since, a new revision
+               "global_questions", "steps", "seed", "val_size", "grad_clip", "dtype", "data_digest")   # on --resume
 def rows_digest(examples: list) -> str:
-    """12 hex digits of a sha256 over every question, gold answer and option, in order (split included)."""
+    """12 hex digits of a sha256 of every question, gold and option in order: --resume refuses rows changed since."""
     return hashlib.sha256(repr([(e.question, e.gold, e.options) for e in examples]).encode()).hexdigest()[:12]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "best.old",
@@ -1127,14 +1126,14 @@ def save_model_part(run, subdir: str = ""):
     local = lambda p: p.to_local() if hasattr(p, "to_local") else p
     if all_sum([sum(int(not torch.isfinite(local(p)).all()) for p in run.model.parameters())], run.device)[0]:
         raise SystemExit("not writing a checkpoint: the weights are not finite; the last good copy is kept")
-    # a tied weight (GPT-2's lm_head = wte) is written once, as save_pretrained does, in every layout
-    tied = {n for n, _ in run.model.lm.named_parameters(remove_duplicate=False)} - dict(run.model.lm.named_parameters()).keys()
+    lm = run.model.lm   # a tied weight (GPT-2's lm_head = wte) is written once in every layout, as save_pretrained does
+    tied = {n for n, _ in lm.named_parameters(remove_duplicate=False)} - dict(lm.named_parameters()).keys()
 
     def part(tmp, write):
         sd = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if write:
-            run.model.lm.save_pretrained(os.path.join(tmp, subdir), state_dict={k[3:]: v for k, v in sd.items()
-                                                                                if k[3:] not in tied})
+            sd = {k[3:]: v for k, v in sd.items() if k[3:] not in tied}
+            lm.save_pretrained(os.path.join(tmp, subdir), state_dict=sd)
             run.tok.save_pretrained(os.path.join(tmp, subdir))
     return part
 

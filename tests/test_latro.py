@@ -618,3 +618,16 @@ def test_torch_memory_tracker_counts_the_state_the_arithmetic_says():
     assert t["layout"] == "shard" and t["state"] == pytest.approx(12 * n / 8 / 2**30, rel=1e-3)
     assert t["kept"] == pytest.approx(t["state"] + (2 * 2 * n + kv) / 2**30, rel=1e-3)
     assert t["peak"] > t["kept"] + 4 * n / 8 / 2**30                      # the gradients, at least, come on top
+
+
+def test_teach_probe_splits_step_0_advantages_by_kind(tiny_dir):
+    """tests/teach_probe.py (the README's figures on what a step rewards) runs on latro.py's own sampler and
+    scorer: one summary line, then one line per gamma asked, each splitting the advantages by kind."""
+    from conftest import run_script
+    r = run_script("tests/teach_probe.py", ["--model", tiny_dir, "--dataset", "arith:3", "--questions", "3",
+                                            "--k", "3", "--max-new-tokens", "6", "--gamma", "2", "1.5"], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert "3 questions x K 3, L 6" in lines[0]
+    assert [l.split(":")[0] for l in lines[-2:]] == ["gamma 2", "gamma 1.5"]
+    assert all("mean advantage right" in l and "share of the positive advantage on wrong" in l for l in lines[-2:])

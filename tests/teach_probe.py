@@ -1,5 +1,5 @@
 """
-tests/teach_probe.py: what one LaTRO step rewards, on a model as it is (the initial model: beta's KL term is 0).
+tests/teach_probe.py: what one LaTRO step rewards, on a model as it is, without beta's KL term (0 at step 0).
 Samples K rationales for N train questions exactly as latro.py's step 0 does (same streams, same stops), scores
 log pi(y|x+z), and splits the leave-one-out advantages A_k of Eq. 4 by what the rationale is: finished with
 the gold as its last number ("right"), finished with another ("wrong"), or unfinished at L. Printed for each

@@ -4,7 +4,8 @@ Samples K rationales for N train questions exactly as latro.py's step 0 does (sa
 log pi(y|x+z), and splits the leave-one-out advantages A_k of Eq. 4 by what the rationale is: finished with
 the gold as its last number ("right"), finished with another ("wrong"), or unfinished at L. Printed for each
 non-stop penalty gamma asked: the mean advantage of each kind and the share of the positive advantage that goes
-to finished WRONG rationales (what the step teaches besides the answer: to stop). Asserts nothing.
+to finished WRONG rationales (what the step teaches besides the answer: to stop); the wrong ones are also split
+into those that compute (hold an "=") and stubs (end before any arithmetic). Asserts nothing.
 
     python tests/teach_probe.py --model "$M" --dataset arith:7 --questions 48 --gamma 2 1
 """
@@ -38,7 +39,7 @@ def main():
     idx = latro.global_questions(len(train), 0, a.questions, a.seed)
     exs = [train[i] for i in idx]
     args = argparse.Namespace(k=a.k, max_new_tokens=a.max_new_tokens, seed=a.seed)
-    logp_y, fin, right = [], [], []
+    logp_y, fin, right, calc = [], [], [], []
     with torch.no_grad():
         for j in range(0, len(exs), 8):   # 8 questions per batch; question q keeps its step-0 stream
             part = exs[j:j + 8]
@@ -48,18 +49,18 @@ def main():
                 logp_y.append(latro.score(scorer, ids, attn, zm, ym)[1])
                 fin.append(torch.tensor(fs))
                 last = [re.findall(r"-?\d+", tok.decode(z)) for z in zs]
+                calc.append(torch.tensor(["=" in tok.decode(z) for z in zs]))
                 right.append(torch.tensor([f and bool(n) and n[-1] == e.gold for f, n in zip(fs, last)]))
-    logp_y, fin, right = torch.stack(logp_y), torch.stack(fin), torch.stack(right)   # (N, K) each
+    logp_y, fin, right, calc = (torch.stack(t) for t in (logp_y, fin, right, calc))   # (N, K) each
     wrong = fin & ~right
+    kinds = {"right": right, "wrong": wrong, "unfinished": ~fin, "wrong, computing": wrong & calc, "stub": wrong & ~calc}
     print(f"{a.model} on {a.dataset}: {len(exs)} questions x K {a.k}, L {a.max_new_tokens}: finished "
           f"{fin.float().mean():.2f}, right {right.float().mean():.2f}, no_signal {(~fin).all(1).float().mean():.2f}")
-    print(f"log pi(y|x+z): right {logp_y[right].mean():.1f}, wrong {logp_y[wrong].mean():.1f}, "
-          f"unfinished {logp_y[~fin].mean():.1f} nats")
+    print("log pi(y|x+z): " + ", ".join(f"{k} {logp_y[m].mean():.1f} ({m.sum()})" for k, m in kinds.items()) + " nats")
     for gamma in a.gamma:
         reward = torch.where(fin, logp_y, gamma * logp_y.mean(1, keepdim=True))
         adv = latro.rloo_advantages(reward)
         pos = adv.clamp(min=0)
-        kinds = {"right": right, "wrong": wrong, "unfinished": ~fin}
         means = ", ".join(f"{k} {adv[m].mean():+.1f}" if m.any() else f"{k} -" for k, m in kinds.items())
         print(f"gamma {gamma:g}: mean advantage {means}; share of the positive advantage on wrong "
               f"{pos[wrong].sum() / pos.sum():.2f}, on right {pos[right].sum() / pos.sum():.2f}")

@@ -630,4 +630,5 @@ def test_teach_probe_splits_step_0_advantages_by_kind(tiny_dir):
     lines = r.stdout.splitlines()
     assert "3 questions x K 3, L 6" in lines[0]
     assert [l.split(":")[0] for l in lines[-2:]] == ["gamma 2", "gamma 1.5"]
-    assert all("mean advantage right" in l and "share of the positive advantage on wrong" in l for l in lines[-2:])
+    assert all("mean advantage right" in l and "share of the positive advantage on wrong" in l and "stub" in l
+               for l in lines[-2:])

@@ -48,8 +48,9 @@ def main():
                 ids, attn, zm, ym = latro.build_batch(prompt, zs, ys, tok.pad_token_id)
                 logp_y.append(latro.score(scorer, ids, attn, zm, ym)[1])
                 fin.append(torch.tensor(fs))
-                last = [re.findall(r"-?\d+", tok.decode(z)) for z in zs]
-                calc.append(torch.tensor(["=" in tok.decode(z) for z in zs]))
+                texts = [tok.decode(z) for z in zs]
+                last = [re.findall(r"-?\d+", t) for t in texts]
+                calc.append(torch.tensor(["=" in t for t in texts]))
                 right.append(torch.tensor([f and bool(n) and n[-1] == e.gold for f, n in zip(fs, last)]))
     logp_y, fin, right, calc = (torch.stack(t) for t in (logp_y, fin, right, calc))   # (N, K) each
     wrong = fin & ~right

@@ -392,6 +392,8 @@ def test_failed_write_names_the_path_and_keeps_the_last_good_copy(tmp_path, monk
 
     def second(tmp, write):   # still called (it may be a collective), but told not to write
         calls.append(write)
+    free = lambda gb: (lambda p: type("U", (), {"free": gb * 2**30})())   # this machine's disk must not decide
+    monkeypatch.setattr(latro.shutil, "disk_usage", free(100))
     latro.setup_distributed("cpu")
     try:
         with pytest.raises(SystemExit, match=r"cannot write the checkpoint to .*checkpoint \(about 3.0 GB\): "
@@ -399,7 +401,7 @@ def test_failed_write_names_the_path_and_keeps_the_last_good_copy(tmp_path, monk
             latro.write_folder(str(good), [first, second], 3.0, "the checkpoint", True)
         assert calls == [False]
         assert not (tmp_path / "checkpoint.tmp").exists() and (good / "state.pt").read_text() == "good"
-        monkeypatch.setattr(latro.shutil, "disk_usage", lambda p: type("U", (), {"free": 2 * 2**30})())
+        monkeypatch.setattr(latro.shutil, "disk_usage", free(2))
         with pytest.raises(SystemExit, match=r"needs about 5.0 GB and the disk has 2.0 GB free; the last good copy"):
             latro.write_folder(str(good), [second], 5.0, "the checkpoint", True)
         assert calls == [False]   # refused before any part runs

@@ -337,7 +337,7 @@ def test_disk_full_in_a_tokenizer_save_and_on_the_metrics_append(tmp_path):
             os.makedirs(tmp)
             raise Exception("No space left on device (os error 28)")
         with pytest.raises(SystemExit, match=r"cannot write the best model to .*No space left on device"):
-            latro.write_folder(str(tmp_path / "best"), [bad], 1.0, "the best model", True)
+            latro.write_folder(str(tmp_path / "best"), [bad], 0.0, "the best model", True)
         assert not (tmp_path / "best.tmp").exists()
         run = SimpleNamespace(master=True, metrics=str(tmp_path / "nodir" / "metrics.jsonl"), error=None,
                               device=torch.device("cpu"))

@@ -7,7 +7,7 @@ reached L), the mean rationale length, and the validation accuracy latro.py logg
 With --eval, the summary of an eval.py run on each run's model (`{run}` in the path is the run folder's name)
 adds its accuracy and paired gain, and for the generated task the same comparison by distinct problem.
 
-    python tests/teach_diagnosis.py runs/teach runs/teach1 runs/teach2
+    python tests/teach_diagnosis.py runs/teach0 runs/teach1 runs/teach2
     python tests/teach_diagnosis.py runs/t* --eval 'runs/eval/{run}-val.jsonl.summary.json'
 """
 import argparse

@@ -54,7 +54,7 @@ def test_teaching_run_commands_and_summary_fields(smollm_dir, tmp_path):
     """The README's teaching run, shortened: 2 training steps, 8 test questions, 16 new tokens."""
     script, train = command("runs/teach")
     assert script == "latro.py"
-    train = with_flags(train, model=smollm_dir, out=tmp_path / "teach", steps=2, val_size=8, eval_every=2,
+    train = with_flags(train, model=smollm_dir, out=tmp_path / "teach", seed=0, steps=2, val_size=8, eval_every=2,
                        max_new_tokens=16, eval_max_new_tokens=16)
     p = run_script("latro.py", train, timeout=7200, one_thread=False)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -62,7 +62,8 @@ def test_teaching_run_commands_and_summary_fields(smollm_dir, tmp_path):
     _, trained = command("--paired-with runs/eval/base.jsonl")
     shrink = dict(limit=8, max_new_tokens=16)
     base = with_flags(base, model=smollm_dir, out=tmp_path / "base.jsonl", **shrink)
-    assert trained[trained.index("--model") + 1] == "runs/teach/best"
+    assert keep_rule(tmp_path / "teach" / "metrics.jsonl") in (0, 1)   # the loop's rule reads a real run's metrics
+    assert trained[trained.index("--model") + 1] == "runs/teach$S/best"
     trained = with_flags(trained, model=tmp_path / "teach" / "best", out=tmp_path / "trained.jsonl",
                          paired_with=tmp_path / "base.jsonl", **shrink)
     for argv in (base, trained):
@@ -75,6 +76,22 @@ def test_teaching_run_commands_and_summary_fields(smollm_dir, tmp_path):
         assert {"difference", "interval95", "gained", "lost", "mcnemar_p"} <= set(summary["paired"][rule])
     for field in ("interval95", "mcnemar_p", "unfinished", "mean_tokens"):   # the README names what it reports
         assert field in README
+
+
+def keep_rule(metrics) -> int:
+    """Exit status of the teaching loop's rule on a metrics.jsonl: 0 keeps the run, 1 trains again."""
+    import subprocess
+    import sys
+    line = next(l for l in README.splitlines() if "python -c" in l and "runs/teach$S/metrics.jsonl" in l)
+    code = shlex.split(line.split("&&")[0])[-1].replace("runs/teach$S/metrics.jsonl", str(metrics))
+    return subprocess.run([sys.executable, "-c", code]).returncode
+
+
+@pytest.mark.parametrize("slices, status", [([0.17, 0.21], 1), ([0.17, 0.22], 0), ([0.2, 0.1], 1), ([0.1], 1)])
+def test_teaching_loop_keeps_a_run_only_if_its_slice_rose_5_points(slices, status, tmp_path):
+    rows = [{"step": 1, "reward": -30.0}] + [{"step": 90 * i, "val_accuracy": v} for i, v in enumerate(slices)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert keep_rule(tmp_path / "metrics.jsonl") == status
 
 
 def test_no_unfilled_template_fields():
